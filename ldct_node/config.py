@@ -1,0 +1,262 @@
+"""All settings of ldct-node in one typed place, with their defaults.
+
+A TOML file maps one table per dataclass below (``[receive]``, ``[derive]`` ...). Every key is
+optional; unknown keys and values of the wrong type are rejected at start with a one-line
+error that names the key, because a silently ignored typo in a hospital's routing
+configuration is worse than a refusal to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "ldct-node"
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message fit to print as one line."""
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory; systemd's StateDirectory overrides it via $STATE_DIRECTORY."""
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    # None means the weights shipped with the package (see ldct_node.weights.default_weights_path).
+    weights: Path | None = None
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    batch_size: int = 8
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default (all cores)
+    mixed_precision: bool = True  # only takes effect on CUDA
+    # Vendors fill outside the reconstruction circle with -2000 or -3024 HU without always
+    # declaring PixelPaddingValue; anything at or below this is treated as outside the field of view.
+    outside_fov_below_hu: float = -1500.0
+
+
+@dataclass(frozen=True)
+class DeriveSettings:
+    # "2.25." makes UUID-derived UIDs that need no registered root; sites may set their own.
+    uid_root: str = "2.25."
+    series_number_offset: int = 1000
+    series_description_suffix: str = " [ldct-node denoised]"
+    transfer_syntax: str = EXPLICIT_VR_LITTLE_ENDIAN
+    institution_name: str = ""  # for ContributingEquipmentSequence; empty leaves it out
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    ae_title: str
+    host: str = ""  # empty: any address
+
+
+@dataclass(frozen=True)
+class ReceiveSettings:
+    ae_title: str = "LDCT_NODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 8
+    max_pdu: int = 1_048_576  # pynetdicom's 16 kB default halves throughput for 512² CT
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 120.0
+    tcp_nodelay: bool = True
+    # Empty list: any caller is accepted (the embedded default only listens on loopback).
+    allowed: tuple[AllowedPeer, ...] = ()
+    # Below this free space on the spool volume C-STORE answers "out of resources".
+    min_free_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    ae_title: str = "LDCT_NODE"  # calling AE title used towards destinations
+    destinations: tuple[Destination, ...] = ()
+    max_pdu: int = 1_048_576
+    attempts: int = 5
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 300.0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    # A series is complete once no instance of it arrived for this long.
+    quiet_period_s: float = 10.0
+    poll_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    # Spooled input and derived output are removed after delivery unless kept this many days.
+    keep_days: float = 0.0
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "queue.sqlite3"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "auto"  # "auto": JSON when stderr is not a terminal, "json", "console"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    derive: DeriveSettings = field(default_factory=DeriveSettings)
+    receive: ReceiveSettings = field(default_factory=ReceiveSettings)
+    send: SendSettings = field(default_factory=SendSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "log.level": ("debug", "info", "warning", "error"),
+    "log.format": ("auto", "json", "console"),
+}
+
+
+def _convert(value: object, hint: object, key: str) -> object:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a table")
+        return _build(hint, value, key)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config key '{key}' must be a non-empty path string")
+        return Path(value).expanduser()
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is int or hint is bool or hint is str:
+        if type(value) is not hint:
+            raise ConfigError(f"config key '{key}' must be of type {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
+
+
+def _build(cls: type, table: dict, prefix: str) -> object:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {known})")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"config table '{prefix}' is incomplete: {exc}") from None
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {what}")
+
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        need(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
+    for section in ("receive", "send"):
+        ae = getattr(cfg, section).ae_title
+        need(0 < len(ae.strip()) <= 16, f"{section}.ae_title", "must be 1-16 characters")
+    need(0 < cfg.receive.port < 65536, "receive.port", "must be 1-65535")
+    need(cfg.receive.max_associations >= 1, "receive.max_associations", "must be at least 1")
+    need(cfg.receive.max_pdu >= 4096 or cfg.receive.max_pdu == 0, "receive.max_pdu", "must be 0 (unlimited) or >= 4096")
+    for i, dest in enumerate(cfg.send.destinations):
+        need(0 < len(dest.ae_title.strip()) <= 16, f"send.destinations[{i}].ae_title", "must be 1-16 characters")
+        need(0 < dest.port < 65536, f"send.destinations[{i}].port", "must be 1-65535")
+    need(len({d.name for d in cfg.send.destinations}) == len(cfg.send.destinations),
+         "send.destinations", "must have unique names")
+    need(cfg.send.attempts >= 1, "send.attempts", "must be at least 1")
+    need(cfg.inference.batch_size >= 1, "inference.batch_size", "must be at least 1")
+    need(cfg.inference.threads >= 0, "inference.threads", "must be 0 (default) or more")
+    need(cfg.inference.device == "auto" or cfg.inference.device.split(":")[0] in ("cpu", "cuda"),
+         "inference.device", "must be auto, cpu, cuda or cuda:N")
+    root = cfg.derive.uid_root
+    need(root.endswith(".") and all(p.isdigit() for p in root[:-1].split(".")) and len(root) <= 32,
+         "derive.uid_root", "must be a numeric UID prefix ending in '.', at most 32 characters")
+    need(cfg.derive.transfer_syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"),
+         "derive.transfer_syntax", "must be explicit (1.2.840.10008.1.2.1) or implicit (1.2.840.10008.1.2) VR little endian")
+    need(cfg.queue.quiet_period_s >= 0, "queue.quiet_period_s", "must be >= 0")
+    need(cfg.storage.keep_days >= 0, "storage.keep_days", "must be >= 0")
+
+
+def load_config(path: Path | None = None) -> Config:
+    """The configuration from a TOML file, or the embedded default when path is None."""
+    if path is None:
+        cfg = Config()
+    else:
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found: check the path or omit --config for the embedded default") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        cfg = _build(Config, table, "")
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,251 @@
+"""TSC-Net (Fu et al., total-body low-dose CT denoising with prior knowledge transfer).
+
+Encoder: 3×3 convolutions with two stride-2 steps (the slice is downsampled 4×), then a
+chain of Dynamic Enhancement Modules (DEM) at the bottleneck; decoder: transposed
+convolutions back to full size with skip connections from the encoder and a global residual,
+so the network predicts the correction to the (middle) input slice.
+
+Teacher and student are the same class; the trainer asks for the DEM outputs with
+``return_features=True`` for the knowledge-transfer loss. The paper leaves widths open: they are
+fields of :class:`TSCNetConfig`, stored in each weights file's model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import deform_conv2d
+
+KERNEL = 3
+DOWNSAMPLE = 4  # two stride-2 steps; inputs are padded to a multiple of this
+
+
+@dataclass(frozen=True)
+class TSCNetConfig:
+    in_slices: int = 1  # 3 feeds both neighbouring slices as extra channels
+    width: int = 32  # channels at full resolution; doubled at each downsampling step
+    num_dems: int = 4
+    # Ablation switch (paper variant A): plain residual blocks instead of DEMs.
+    use_dem: bool = True
+    se_reduction: int = 4
+    feature_index: int = 1  # which DEM's output feeds knowledge transfer (the second)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TSCNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TSC-Net architecture fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+class ModulatedDeformConv(nn.Module):
+    """DCNv2: a 3×3 convolution sampling at learned offsets, each tap scaled by a learned mask.
+
+    Offsets and mask logits come from a 3×3 convolution of the same features, zero-initialised
+    so training starts from an ordinary convolution (with mask sigmoid(0) = 0.5).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        taps = KERNEL * KERNEL
+        self.weight = nn.Parameter(torch.empty(channels, channels, KERNEL, KERNEL))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.kaiming_uniform_(self.weight, a=1.0)
+        self.offset_mask = nn.Conv2d(channels, 3 * taps, KERNEL, padding=1)
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = KERNEL * KERNEL
+        om = self.offset_mask(x)
+        offset, mask = om[:, : 2 * taps], torch.sigmoid(om[:, 2 * taps :])
+        return modulated_deform_conv(x, offset, mask, self.weight, self.bias)
+
+
+def modulated_deform_conv(x, offset, mask, weight, bias):
+    """3×3, stride 1, padding 1 modulated deformable convolution (torchvision's layout:
+    offset channels 2k, 2k+1 are the row and column shifts of tap k, row-major over the kernel).
+
+    On CUDA torchvision's fused kernel runs, in float32 because it has no half-precision path on
+    every device. On CPU that kernel is about 2.6× slower than gathering all nine taps with one
+    bilinear grid_sample and contracting them with a matmul, which computes the same thing.
+    """
+    if x.is_cuda:
+        dtype = x.dtype
+        with torch.autocast(device_type="cuda", enabled=False):
+            out = deform_conv2d(x.float(), offset.float(), weight.float(), bias.float(), padding=1, mask=mask.float())
+        return out.to(dtype)
+    return _deform_conv_gather(x, offset, mask, weight, bias)
+
+
+def _deform_conv_gather(x, offset, mask, weight, bias):
+    n, c, h, w = x.shape
+    taps = KERNEL * KERNEL
+    tap = torch.arange(taps, device=x.device)
+    rows = (tap // KERNEL - 1).view(1, taps, 1, 1) + torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
+    cols = (tap % KERNEL - 1).view(1, taps, 1, 1) + torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
+    shift = offset.view(n, taps, 2, h, w)
+    # grid_sample wants (x, y) in [-1, 1]; align_corners=True maps -1 and 1 to pixel centres 0 and size-1.
+    grid = torch.stack(
+        [(cols + shift[:, :, 1]) * (2 / max(w - 1, 1)) - 1, (rows + shift[:, :, 0]) * (2 / max(h - 1, 1)) - 1],
+        dim=-1,
+    )
+    sampled = F.grid_sample(x, grid.view(n, taps * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=True)
+    sampled = (sampled.view(n, c, taps, h, w) * mask.view(n, 1, taps, h, w)).reshape(n, c * taps, h * w)
+    # bmm, not matmul: matmul folds the batch into one mm through a full transposed copy of `sampled`.
+    out = torch.bmm(weight.reshape(1, weight.shape[0], c * taps).expand(n, -1, -1), sampled)
+    return out.view(n, -1, h, w) + bias.view(1, -1, 1, 1)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation: per-channel sigmoid weights from globally pooled features."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.fc = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc(x)
+
+
+class DynamicEnhancementModule(nn.Module):
+    """DEM: conv → channel attention → modulated deformable conv, added back to the input."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, KERNEL, padding=1)
+        self.attention = ChannelAttention(channels, reduction)
+        self.deform = ModulatedDeformConv(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attention(F.relu(self.conv(x)))
+        return x + self.deform(y)
+
+
+class ResidualBlock(nn.Module):
+    """The ablation baseline's stand-in for a DEM: two plain 3×3 convolutions with a residual."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, KERNEL, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, KERNEL, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+def _conv_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, KERNEL, stride=stride, padding=1), nn.ReLU(inplace=True))
+
+
+class TSCNet(nn.Module):
+    def __init__(self, config: TSCNetConfig = TSCNetConfig()):
+        super().__init__()
+        if config.in_slices < 1 or config.in_slices % 2 == 0:
+            raise ValueError("in_slices must be odd (the middle slice is the one denoised)")
+        if not 0 <= config.feature_index < config.num_dems:
+            raise ValueError("feature_index must name one of the DEMs")
+        self.config = config
+        w = config.width
+        self.enc0 = nn.Sequential(_conv_relu(config.in_slices, w), _conv_relu(w, w))
+        self.enc1 = nn.Sequential(_conv_relu(w, 2 * w, stride=2), _conv_relu(2 * w, 2 * w))
+        self.enc2 = nn.Sequential(_conv_relu(2 * w, 4 * w, stride=2), _conv_relu(4 * w, 4 * w))
+        self.bottleneck = nn.ModuleList(
+            DynamicEnhancementModule(4 * w, config.se_reduction) if config.use_dem else ResidualBlock(4 * w)
+            for _ in range(config.num_dems)
+        )
+        self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 4, stride=2, padding=1)
+        self.dec1 = _conv_relu(4 * w, 2 * w)
+        self.up1 = nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1)
+        self.dec0 = _conv_relu(2 * w, w)
+        self.head = nn.Conv2d(w, 1, KERNEL, padding=1)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """x: (N, in_slices, H, W) scaled slices, H and W multiples of 4.
+
+        Returns the denoised middle slice (N, 1, H, W), and with ``return_features`` also the
+        list of DEM outputs.
+        """
+        if x.shape[-1] % DOWNSAMPLE or x.shape[-2] % DOWNSAMPLE:
+            raise ValueError(f"height and width must be multiples of {DOWNSAMPLE}; pad first")
+        mid = self.config.in_slices // 2
+        e0 = self.enc0(x)
+        e1 = self.enc1(e0)
+        h = self.enc2(e1)
+        features = []
+        for block in self.bottleneck:
+            h = block(h)
+            features.append(h)
+        d1 = self.dec1(torch.cat([self.up2(h), e1], dim=1))
+        d0 = self.dec0(torch.cat([self.up1(d1), e0], dim=1))
+        out = x[:, mid : mid + 1] + self.head(d0)
+        return (out, features) if return_features else out
+
+
+@dataclass(frozen=True)
+class REDCNNConfig:
+    """RED-CNN (Chen et al. 2017), the comparison baseline: 5 conv + 5 deconv, 5×5 kernels."""
+
+    in_slices: int = 1
+    width: int = 96
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "REDCNNConfig":
+        return cls(**data)
+
+
+class REDCNN(nn.Module):
+    def __init__(self, config: REDCNNConfig = REDCNNConfig()):
+        super().__init__()
+        self.config = config
+        w, k = config.width, 5
+        self.convs = nn.ModuleList([nn.Conv2d(config.in_slices, w, k, padding=2)] + [nn.Conv2d(w, w, k, padding=2) for _ in range(4)])
+        self.deconvs = nn.ModuleList([nn.ConvTranspose2d(w, w, k, padding=2) for _ in range(4)] + [nn.ConvTranspose2d(w, 1, k, padding=2)])
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        mid = self.config.in_slices // 2
+        skips = [x[:, mid : mid + 1]]
+        h = x
+        for i, conv in enumerate(self.convs):
+            h = F.relu(conv(h))
+            if i in (1, 3):
+                skips.append(h)
+        for i, deconv in enumerate(self.deconvs):
+            h = deconv(h)
+            if i in (0, 2):
+                h = F.relu(h + skips.pop())
+            elif i == 4:
+                h = h + skips.pop()
+            else:
+                h = F.relu(h)
+        return (h, []) if return_features else h
+
+
+ARCHITECTURES = {"tscnet": (TSCNet, TSCNetConfig), "redcnn": (REDCNN, REDCNNConfig)}
+
+
+def build_model(name: str, settings: dict) -> nn.Module:
+    """A network from its architecture name and settings, as a model card states them."""
+    try:
+        cls, config_cls = ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r} (known: {', '.join(ARCHITECTURES)})") from None
+    return cls(config_cls.from_dict(settings))
