@@ -45,6 +45,8 @@ class ModelSettings:
 class InferenceSettings:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     batch_size: int = 8
+    # Slices read and denoised at a time; bounds memory for total-body series of thousands of slices.
+    chunk_slices: int = 64
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default (all cores)
     mixed_precision: bool = True  # only takes effect on CUDA
     # Vendors fill outside the reconstruction circle with -2000 or -3024 HU without always
@@ -233,6 +235,7 @@ def _validate(cfg: Config) -> None:
          "send.destinations", "must have unique names")
     need(cfg.send.attempts >= 1, "send.attempts", "must be at least 1")
     need(cfg.inference.batch_size >= 1, "inference.batch_size", "must be at least 1")
+    need(cfg.inference.chunk_slices >= 1, "inference.chunk_slices", "must be at least 1")
     need(cfg.inference.threads >= 0, "inference.threads", "must be 0 (default) or more")
     need(cfg.inference.device == "auto" or cfg.inference.device.split(":")[0] in ("cpu", "cuda"),
          "inference.device", "must be auto, cpu, cuda or cuda:N")

@@ -1,0 +1,80 @@
+"""The `ldct-node` command. Each subcommand lives in the module that does its work; this table
+only names them, and a subcommand's module is imported when it runs, so `ldct-node echo` does
+not pay for importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name: (module, help). The module provides add_arguments(parser) and run(args) -> exit status.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "denoise": ("ldct_node.offline", "denoise the CT series in a folder tree into derived series"),
+    "serve": ("ldct_node.daemon", "run the DICOM node: receive, denoise, send back to PACS"),
+    "queue": ("ldct_node.admin", "list, retry or purge the node's jobs"),
+    "echo": ("ldct_node.echo", "C-ECHO the configured destinations"),
+    "simulate": ("ldct_train.simulate", "simulate low-dose CT from normal-dose DICOM in the projection domain"),
+    "train": ("ldct_train.trainer", "two-stage teacher-student training"),
+    "evaluate": ("ldct_train.evaluate", "evaluation report on a held-out set"),
+}
+
+
+class CommandError(Exception):
+    """A failure the user can fix; main() prints it as one line and exits 2."""
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ldct-node",
+        description="DICOM node that denoises low-dose CT with the TSC-Net student network.",
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in SUBCOMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ldct-node {__version__}")
+    parser.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        _top_parser().parse_args(argv[:1] or ["--help"])
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"ldct-node {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors get one line, not a traceback
+        one_line = _user_error(exc)
+        if one_line is None:
+            raise
+        print(f"ldct-node {name}: error: {one_line}", file=sys.stderr)
+        return 2
+
+
+def _user_error(exc: Exception) -> str | None:
+    """The one-line message of an error a user caused, or None for a bug (traceback shown)."""
+    from .config import ConfigError
+
+    user_errors: tuple[type[Exception], ...] = (CommandError, ConfigError)
+    try:
+        from .weights import WeightsError
+
+        user_errors += (WeightsError,)
+    except ImportError:  # torch missing: the weights module cannot even be imported
+        pass
+    if isinstance(exc, user_errors):
+        return str(exc)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
