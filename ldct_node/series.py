@@ -1,0 +1,233 @@
+"""Reading a folder tree the way a PACS export or a CD gives it: which files are axial CT images to
+denoise (and why the others are not), grouped by series, each series split into sorted stacks.
+
+Nothing here raises on bad input: every file that is not used comes back as a Skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import CTImageStorage, MediaStorageDirectoryStorage
+
+from .derive import is_own_output
+
+# Gantry tilt of CT scanners reaches about 30 degrees; anything further from axial is a reformat
+# (coronal, sagittal, oblique) that the network was not trained on.
+MAX_AXIAL_TILT_DEGREES = 35.0
+# Values larger than this stay on disk while headers are read, so scanning never loads pixel data.
+_DEFER_SIZE = 1024
+
+
+@dataclass
+class Instance:
+    path: Path
+    sop_uid: str
+    series_uid: str
+    rows: int
+    columns: int
+    position: float | None  # ImagePositionPatient projected on the slice normal, mm
+    instance_number: int | None
+
+
+@dataclass
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    series: dict[str, list[Instance]] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
+    """Unit normal (row x column direction cosines) of the image plane, None when orientation is missing or degenerate."""
+    try:
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(iop) != 6:
+        return None
+    normal = np.cross(iop[:3], iop[3:])
+    norm = float(np.linalg.norm(normal))
+    return normal / norm if norm > 0.5 else None
+
+
+def is_axial(ds: pydicom.Dataset, max_tilt_degrees: float = MAX_AXIAL_TILT_DEGREES) -> bool:
+    """The slice normal is within max_tilt_degrees of the patient's head-foot axis (gantry tilt allowed)."""
+    normal = _slice_normal(ds)
+    return normal is not None and abs(float(normal[2])) >= math.cos(math.radians(max_tilt_degrees))
+
+
+def _image_type(ds: pydicom.Dataset) -> list[str]:
+    """ImageType values in upper case, [] when absent."""
+    value = ds.get("ImageType") or []
+    return [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
+
+
+def classify(ds: pydicom.Dataset) -> str | None:
+    """None for an axial CT image to denoise, else a short reason why it is left alone; never raises."""
+    try:
+        return _classify(ds)
+    except Exception as exc:  # noqa: BLE001 - a malformed value is a reason to skip, not a crash of the receiver
+        return f"unreadable DICOM ({type(exc).__name__}: {exc})"
+
+
+def _classify(ds: pydicom.Dataset) -> str | None:
+    """classify's rules in order; may raise on malformed values."""
+    if is_own_output(ds):
+        return "ldct-node output (loop guard)"
+    sop_class = _sop_class(ds)
+    if sop_class != CTImageStorage:
+        name = getattr(sop_class, "name", None) or sop_class or "none"
+        return f"not a CT image (SOP class {name}, modality {ds.get('Modality') or 'none'})"
+    image_type = _image_type(ds)
+    if "LOCALIZER" in image_type:
+        return "localizer"
+    if image_type[:2] != ["ORIGINAL", "PRIMARY"]:
+        shown = "\\".join(image_type) or "none"
+        return f"not an original/primary image (ImageType {shown})"
+    if "PixelData" not in ds:
+        return "no pixel data"
+    if not is_axial(ds):
+        orientation = "\\".join(str(v) for v in ds.get("ImageOrientationPatient", [])) or "none"
+        return f"not axial (orientation {orientation})"
+    return None
+
+
+def slice_position(ds: pydicom.Dataset) -> float | None:
+    """ImagePositionPatient projected on the slice normal (mm), None when either is missing."""
+    normal = _slice_normal(ds)
+    try:
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if normal is None or len(ipp) != 3:
+        return None
+    return float(np.dot(normal, ipp))
+
+
+def _instance_number(ds: pydicom.Dataset) -> int | None:
+    """InstanceNumber as int, None when absent, empty or malformed."""
+    try:
+        return int(ds.InstanceNumber)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _sop_class(ds: pydicom.Dataset) -> str | None:
+    """SOPClassUID, or the file meta's MediaStorageSOPClassUID for objects without one (DICOMDIR)."""
+    meta = getattr(ds, "file_meta", None)
+    return ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+
+
+def damage(path: Path, ds: pydicom.Dataset) -> str | None:
+    """A reason when the file is cut short or has no identity; pydicom reads such files without complaint.
+
+    The last element read is the one an interrupted copy cuts: its value (still on disk when
+    deferred) must fit in the file. A cut inside an element header ends the data set early without
+    a trace: then the data set lacks its own SOPClassUID (which every object but a DICOMDIR has), or
+    it lacks PixelData and bytes that no element accounts for follow its last element.
+    """
+    if "SOPClassUID" not in ds and _sop_class(ds) != MediaStorageDirectoryStorage:
+        return "unreadable DICOM (no SOP Class UID in the data set: truncated or damaged file)"
+    if not len(ds):
+        return None
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    length = getattr(last, "length", None)
+    tell = getattr(last, "value_tell", None)
+    if length is None or tell is None or length == 0xFFFFFFFF:
+        return None
+    size = path.stat().st_size
+    available = size - tell if last.value is None else len(last.value)
+    if available < length:
+        return f"unreadable DICOM (truncated: {last.tag} needs {length} bytes, {max(available, 0)} present)"
+    if "PixelData" not in ds and size > tell + length:
+        return f"unreadable DICOM (truncated: {size - tell - length} bytes after {last.tag} are no complete element)"
+    return None
+
+
+def read_instance(path: Path) -> Instance | Skipped:
+    """The file's Instance when it is an axial CT image to denoise, else Skipped with the reason."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+    except InvalidDicomError:
+        return Skipped(path, "not DICOM")
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a damaged file, reported, never raised
+        return Skipped(path, f"unreadable DICOM ({type(exc).__name__}: {exc})")
+    try:
+        reason = damage(path, ds) or classify(ds)
+        if reason:
+            return Skipped(path, reason)
+        return Instance(
+            path=path,
+            sop_uid=str(ds.SOPInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            position=slice_position(ds),
+            instance_number=_instance_number(ds),
+        )
+    except Exception as exc:  # noqa: BLE001 - e.g. a value cut off mid-element only fails on access
+        return Skipped(path, f"unreadable DICOM ({type(exc).__name__}: {exc})")
+
+
+def scan_files(paths: Iterable[Path]) -> ScanResult:
+    """Classify the files and group the usable ones by SeriesInstanceUID; a repeated SOPInstanceUID keeps the first file."""
+    result = ScanResult()
+    kept: dict[str, Path] = {}
+    for path in paths:
+        found = read_instance(Path(path))
+        if isinstance(found, Skipped):
+            result.skipped.append(found)
+        elif found.sop_uid in kept:
+            result.skipped.append(Skipped(found.path, f"duplicate SOP Instance UID (kept {kept[found.sop_uid]})"))
+        else:
+            kept[found.sop_uid] = found.path
+            result.series.setdefault(found.series_uid, []).append(found)
+    return result
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every regular file under root, in a stable (sorted) order so duplicates resolve the same way each run."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        files.extend(Path(folder) / name for name in sorted(names))
+    return [p for p in files if p.is_file()]
+
+
+def scan_tree(root: Path) -> ScanResult:
+    """scan_files over every file under root (any names, DICOMDIR, non-DICOM files, several series)."""
+    return scan_files(_walk(Path(root)))
+
+
+def _stack_order(stack: list[Instance]) -> list[Instance]:
+    """Sorted by position when every slice has one, else by InstanceNumber when every slice has one, else by file name."""
+    if all(i.position is not None for i in stack):
+        return sorted(stack, key=lambda i: (i.position, i.instance_number or 0, str(i.path)))
+    if all(i.instance_number is not None for i in stack):
+        return sorted(stack, key=lambda i: (i.instance_number, str(i.path)))
+    return sorted(stack, key=lambda i: str(i.path))
+
+
+def stacks(instances: list[Instance]) -> list[list[Instance]]:
+    """The series split by matrix size (rows, columns), largest stack first, each sorted along the slice normal.
+
+    A series with mixed matrix sizes cannot be one volume; each stack is denoised on its own and all
+    of them go into the same derived series.
+    """
+    groups: dict[tuple[int, int], list[Instance]] = {}
+    for inst in instances:
+        groups.setdefault((inst.rows, inst.columns), []).append(inst)
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return [_stack_order(group) for _, group in ordered]
