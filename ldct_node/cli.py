@@ -77,4 +77,7 @@ def _user_error(exc: Exception) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module: subcommands raise ldct_node.cli.CommandError, not __main__'s.
+    from ldct_node.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,140 @@
+"""One series from its source files to a derived series on disk.
+
+This is the shared middle of the data path: ``ldct-node denoise`` calls it for each series it
+finds in a folder tree, the daemon's worker for each series the queue hands it. A series is
+split into stacks of equal matrix size (series.stacks), each stack is read and denoised in
+chunks of slices (with the neighbour slices the network needs on either side), so memory stays
+bounded for total-body series of thousands of slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pydicom
+
+from .config import DeriveSettings
+from .denoise import DenoiseEngine
+from .derive import Derivation, derive_dataset, derived_series_uid, derived_sop_uid, write_dataset
+from .pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
+from .series import Instance, Skipped, scan_files, stacks
+
+
+@dataclass
+class SeriesResult:
+    source_series_uid: str
+    derived_series_uid: str
+    files: list[Path]
+    slices: int
+    seconds: float
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass
+class SourceSlice:
+    dataset: pydicom.Dataset
+    stored: np.ndarray
+    hu: np.ndarray
+    keep: np.ndarray
+
+
+def derivation_for(engine: DenoiseEngine, settings: DeriveSettings) -> Derivation:
+    """What the derived pixels and UIDs depend on: the exact weights and every setting that shows in the output."""
+    payload = {
+        "weights_sha256": engine.card.sha256,
+        "derive": dataclasses.asdict(settings),
+        "outside_fov_below_hu": engine.outside_fov_below_hu,
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return Derivation(model_name=engine.card.name, model_version=engine.card.version, fingerprint=digest[:16])
+
+
+def output_series_uid(series_uid: str, engine: DenoiseEngine, settings: DeriveSettings) -> str:
+    """The derived SeriesInstanceUID a source series gets, known before any slice is denoised."""
+    return derived_series_uid(series_uid, derivation_for(engine, settings), settings.uid_root)
+
+
+def read_slice(path: Path, outside_fov_below_hu: float) -> SourceSlice:
+    ds = pydicom.dcmread(path)
+    stored = stored_values(ds)
+    slope, intercept = rescale(ds)
+    hu = stored_to_hu(stored, slope, intercept)
+    keep = padding_mask(stored, hu, *padding_values(ds), outside_fov_below_hu)
+    return SourceSlice(ds, stored, hu, keep)
+
+
+def chunk_bounds(num_slices: int, chunk: int, halo: int):
+    """(read_start, read_stop, keep_start, keep_stop) per chunk: read with a halo of neighbours, keep the chunk."""
+    for start in range(0, num_slices, chunk):
+        stop = min(start + chunk, num_slices)
+        yield max(0, start - halo), min(num_slices, stop + halo), start, stop
+
+
+def denoise_stack(
+    stack: list[Instance],
+    engine: DenoiseEngine,
+    write: Callable[[SourceSlice, np.ndarray], Path],
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    files = []
+    for read_start, read_stop, keep_start, keep_stop in chunk_bounds(len(stack), engine.chunk_slices, engine.in_slices // 2):
+        slices = [read_slice(inst.path, engine.outside_fov_below_hu) for inst in stack[read_start:read_stop]]
+        out_hu = engine.denoise_hu(np.stack([s.hu for s in slices]), np.stack([s.keep for s in slices]))
+        for offset in range(keep_start - read_start, keep_stop - read_start):
+            files.append(write(slices[offset], out_hu[offset]))
+        if progress:
+            progress(keep_stop - keep_start)
+    return files
+
+
+def denoise_instances(
+    series_uid: str,
+    instances: list[Instance],
+    out_dir: Path,
+    engine: DenoiseEngine,
+    settings: DeriveSettings,
+    progress: Callable[[int], None] | None = None,
+) -> SeriesResult:
+    """Denoise one series' instances into out_dir/<derived SOPInstanceUID>.dcm."""
+    started = time.monotonic()
+    derivation = derivation_for(engine, settings)
+    new_series_uid = output_series_uid(series_uid, engine, settings)
+    created = datetime.now().astimezone()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(source: SourceSlice, hu: np.ndarray) -> Path:
+        ds = source.dataset
+        stored = hu_to_stored(hu, *rescale(ds), int(ds.BitsStored), int(ds.PixelRepresentation), source.stored.dtype)
+        stored = restore_masked(source.stored, stored, source.keep)
+        sop_uid = derived_sop_uid(ds.SOPInstanceUID, derivation, settings.uid_root)
+        derived = derive_dataset(
+            ds, stored, series_uid=new_series_uid, sop_uid=sop_uid, derivation=derivation, settings=settings, created=created
+        )
+        path = out_dir / f"{sop_uid}.dcm"
+        write_dataset(derived, path)
+        return path
+
+    files = [path for stack in stacks(instances) for path in denoise_stack(stack, engine, write, progress)]
+    return SeriesResult(series_uid, new_series_uid, files, len(files), time.monotonic() - started)
+
+
+def denoise_series(
+    sources: list[Path], out_dir: Path, engine: DenoiseEngine, settings: DeriveSettings
+) -> SeriesResult:
+    """The worker's entry: the spooled files of one series; files that are not axial CT images are skipped and reported."""
+    scan = scan_files(sources)
+    if len(scan.series) != 1:
+        found = ", ".join(scan.series) or "none"
+        raise ValueError(f"expected the files of exactly one CT series, found series: {found}")
+    (series_uid, instances), = scan.series.items()
+    result = denoise_instances(series_uid, instances, out_dir, engine, settings)
+    result.skipped = scan.skipped
+    return result
