@@ -1,0 +1,505 @@
+"""Low-dose CT simulated from normal-dose slices in the projection domain.
+
+HU → linear attenuation → parallel-beam sinogram p; photon counts at the reduced dose are drawn as
+Poisson(d·I0·e^−p) plus Gaussian electronic noise, log-transformed back to line integrals, and
+the *difference* to p is reconstructed by filtered back-projection and added to the slice. The
+normal-dose anatomy thus stays exact while the inserted noise has what real low-dose noise has
+and image-domain Gaussian noise lacks: it is correlated, streaky along photon-starved rays and
+strongest behind dense or long paths (DESIGN §5).
+
+The projector is written in torch (rotation by ``grid_sample``, summed along rows; back-projection
+by linear interpolation of each filtered view) so that it batches, runs on CUDA, and is fast enough
+to draw fresh noise for every training step. View angles are offset by half a step, which makes
+the set closed under a quarter turn and a mirror: one sampling grid serves four views, applied to
+the slice rotated by 90° and mirrored, which quarters the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.uid import ExplicitVRLittleEndian
+
+from ldct_node.cli import CommandError
+from ldct_node.config import InferenceSettings
+from ldct_node.derive import write_dataset
+from ldct_node.logs import get_logger
+from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
+from ldct_node.series import Instance, scan_tree, stacks
+
+from .data import load_pairs
+
+# Windows on the ramp: "hann" rolls off to zero at Nyquist like a scanner's standard soft-tissue
+# kernel, so the inserted noise has the grain of a routine abdominal reconstruction.
+FILTERS = ("ramp", "shepp-logan", "hann")
+# HU is defined so that water is 0 and air −1000.
+HU_PER_WATER = 1000.0
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    # Photons reaching one simulated detector bin (one pixel wide, the slice thick) in one view of an
+    # unattenuated ray at full dose. A bin lumps several rows and views of a real detector (each
+    # about 1e5–2e5), hence the larger number: with it the inserted noise of the shared abdominal
+    # series at dose 1 is about 12 HU in the liver, that of a routine scan. Noise scales with
+    # 1/sqrt(incident_flux · views).
+    incident_flux: float = 1.0e6
+    # Standard deviation of the detector's electronic noise, in photon counts; it dominates
+    # photon-starved rays at very low dose.
+    electronic_noise: float = 10.0
+    # Linear attenuation of water at about 70 keV, the effective energy of a 120 kVp beam.
+    mu_water_per_mm: float = 0.0193
+    # Views over 180°; a multiple of 4 × attenuation_downsample (the symmetry the projector uses).
+    views: int = 512
+    filter: str = "hann"
+    # Counts below this are clamped before the log, as scanners do for photon-starved rays.
+    count_floor: float = 1.0
+    # The attenuation sinogram only sets the photon counts, which vary smoothly along the detector,
+    # so it is computed at this reduced resolution (1: full); noise is drawn at full resolution.
+    attenuation_downsample: int = 2
+    # Vendor fill outside the field of view is air for the projector and is written back unchanged.
+    outside_fov_below_hu: float = InferenceSettings.outside_fov_below_hu
+    device: str = "auto"
+    # Slices simulated together and the size of one batch of views during projection. On a
+    # CPU more of either only adds memory traffic; on a GPU raise both (e.g. 16 and 1024).
+    slices_per_batch: int = 1
+    memory_budget_mb: int = 16
+
+
+def validate_settings(settings: SimulationSettings) -> None:
+    """Raise CommandError naming the first setting that cannot work."""
+    s = settings
+    checks = [
+        (s.incident_flux > 0, "incident flux must be positive"),
+        (s.electronic_noise >= 0, "electronic noise must be >= 0"),
+        (s.mu_water_per_mm > 0, "mu_water_per_mm must be positive"),
+        (s.attenuation_downsample in (1, 2), "attenuation_downsample must be 1 or 2"),
+        (s.views > 0 and s.views % (4 * s.attenuation_downsample) == 0,
+         f"views must be a positive multiple of {4 * s.attenuation_downsample}"),
+        (s.filter in FILTERS, f"filter must be one of {', '.join(FILTERS)}"),
+        (s.count_floor > 0, "count_floor must be positive"),
+        (s.slices_per_batch >= 1, "slices_per_batch must be at least 1"),
+        (s.memory_budget_mb >= 1, "memory_budget_mb must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CommandError(f"simulation settings: {message}")
+
+
+def validate_dose(dose: float) -> None:
+    if not 0 < dose <= 1:
+        raise CommandError(f"dose fraction {dose} is outside (0, 1]: give e.g. --dose 0.05 for 5 % of the normal dose")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- projector
+
+
+def detector_coordinates(size: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Pixel (and detector bin) centres in grid_sample's normalised [-1, 1] units."""
+    return (torch.arange(size, device=device, dtype=dtype) * 2 + 1) / size - 1
+
+
+def view_angles(views: int) -> torch.Tensor:
+    """Angles over [0, π) offset by half a step, so θ ↦ θ + π/2 and θ ↦ π − θ map views onto views."""
+    return (torch.arange(views, dtype=torch.float64) + 0.5) * math.pi / views
+
+
+def _symmetric_views(k: torch.Tensor, views: int) -> list[torch.Tensor]:
+    """The four views that the grid of view k (k < views/4) reaches through the channel
+    transforms of _to_channels, in channel order."""
+    return [k, k + views // 2, views - 1 - k, views // 2 - 1 - k]
+
+
+def _to_channels(image: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) → (4B, N, N): the slice, turned 90°, mirrored, and mirrored then turned."""
+    turn = lambda a: torch.rot90(a, 1, (-2, -1))  # noqa: E731
+    mirror = lambda a: torch.flip(a, (-1,))  # noqa: E731
+    return torch.cat([image, turn(image), mirror(image), turn(mirror(image))])
+
+
+def _from_channels(stacked: torch.Tensor) -> torch.Tensor:
+    """Inverse transforms of _to_channels, summed back to (B, N, N)."""
+    a, b, c, d = stacked.chunk(4)
+    unturn = lambda x: torch.rot90(x, -1, (-2, -1))  # noqa: E731
+    return a + unturn(b) + torch.flip(c, (-1,)) + torch.flip(unturn(d), (-1,))
+
+
+class ParallelBeamProjector:
+    """Parallel-beam projection of (B, N, N) images onto ``views`` views of N bins one pixel wide.
+
+    Sinograms are in pixel units (sums of pixel values along rays); multiply by the pixel size for
+    line integrals.
+    """
+
+    def __init__(self, size: int, views: int, device: torch.device,
+                 memory_budget_mb: int = SimulationSettings.memory_budget_mb):
+        if views % 4:
+            raise ValueError(f"views must be a multiple of 4, got {views}")
+        self.size, self.views, self.device = size, views, torch.device(device)
+        self.memory_budget = memory_budget_mb * 2**20
+        angles = view_angles(views)[: views // 4]
+        self.cos = torch.cos(angles).to(self.device, torch.float32)
+        self.sin = torch.sin(angles).to(self.device, torch.float32)
+        self.u = detector_coordinates(size, self.device)
+
+    def _chunks(self, channels: int):
+        per_view = channels * self.size * self.size * 4
+        step = max(1, self.memory_budget // per_view)
+        for first in range(0, self.views // 4, step):
+            k = torch.arange(first, min(first + step, self.views // 4), device=self.device)
+            yield k, self.cos[k, None, None], self.sin[k, None, None]
+
+    def project(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) → (B, views, N)."""
+        channels = _to_channels(image).unsqueeze(0)
+        x, y = self.u[None, None, :], self.u[None, :, None]
+        sino = torch.empty(image.shape[0], self.views, self.size, device=self.device, dtype=image.dtype)
+        for k, c, s in self._chunks(channels.shape[1]):
+            grid = torch.stack((c * x - s * y, s * x + c * y), dim=-1)
+            rays = F.grid_sample(channels.expand(len(k), -1, -1, -1), grid, align_corners=False).sum(2)
+            for part, view in zip(rays.chunk(4, dim=1), _symmetric_views(k, self.views)):
+                sino[:, view] = part.transpose(0, 1)
+        return sino
+
+    def backproject(self, sino: torch.Tensor) -> torch.Tensor:
+        """(B, views, N) → (B, N, N): Σ over views of each view's value at x·cosθ + y·sinθ."""
+        batch = sino.shape[0]
+        total = torch.zeros(4 * batch, self.size, self.size, device=self.device, dtype=sino.dtype)
+        x, y = self.u[None, None, :], self.u[None, :, None]
+        for k, c, s in self._chunks(4 * batch):
+            t = c * x + s * y
+            grid = torch.stack((t, torch.zeros_like(t)), dim=-1)
+            rows = torch.cat([sino[:, view] for view in _symmetric_views(k, self.views)]).transpose(0, 1)
+            total += F.grid_sample(rows.unsqueeze(2), grid, align_corners=False).sum(0)
+        return _from_channels(total)
+
+
+def ramp_filter(length: int, kind: str, device) -> torch.Tensor:
+    """Frequency response (rfft bins) of the band-limited ramp for a zero-padded length.
+
+    Built from the spatial kernel of Kak & Slaney (h0 = 1/4, odd n: −1/(πn)²) rather than |f|
+    sampled directly, which would misplace the DC term and offset the reconstruction.
+    """
+    n = torch.arange(length, device=device, dtype=torch.float64)
+    n = torch.where(n > length // 2, n - length, n)
+    odd = (n.abs() % 2) == 1
+    kernel = torch.where(odd, -1.0 / (math.pi * torch.where(odd, n, 1.0)) ** 2, torch.zeros_like(n))
+    kernel[0] = 0.25
+    response = torch.fft.rfft(kernel).real
+    frequency = torch.fft.rfftfreq(length, device=device, dtype=torch.float64)  # cycles per bin, up to 0.5
+    if kind == "shepp-logan":
+        response = response * torch.sinc(frequency)
+    elif kind == "hann":
+        response = response * 0.5 * (1.0 + torch.cos(2.0 * math.pi * frequency))
+    return response.to(torch.float32)
+
+
+def filter_sinogram(sino: torch.Tensor, kind: str) -> torch.Tensor:
+    """Convolve each view with the ramp filter (in bins), zero-padded against wrap-around."""
+    bins = sino.shape[-1]
+    length = 1 << (2 * bins - 1).bit_length()
+    response = ramp_filter(length, kind, sino.device)
+    spectrum = torch.fft.rfft(sino, n=length, dim=-1) * response
+    return torch.fft.irfft(spectrum, n=length, dim=-1)[..., :bins]
+
+
+def fbp(projector: ParallelBeamProjector, sino: torch.Tensor, kind: str, pixel_mm: float) -> torch.Tensor:
+    """Filtered back-projection of line integrals (dimensionless) into attenuation per mm."""
+    filtered = filter_sinogram(sino, kind) / pixel_mm
+    return projector.backproject(filtered) * (math.pi / projector.views)
+
+
+# ---------------------------------------------------------------- noise insertion
+
+
+def hu_to_mu(hu: torch.Tensor, mu_water: float, outside: torch.Tensor) -> torch.Tensor:
+    """Linear attenuation per mm; outside the field of view (and anything below air) is 0."""
+    mu = mu_water * (1.0 + hu / HU_PER_WATER)
+    return torch.where(outside, torch.zeros_like(mu), mu.clamp(min=0.0))
+
+
+def outside_field_of_view(hu: torch.Tensor, fill_below_hu: float) -> torch.Tensor:
+    """Vendor fill, and everything outside the circle a scanner reconstructs (the inscribed one)."""
+    size = hu.shape[-1]
+    u = detector_coordinates(size, hu.device)
+    circle = (u[None, :] ** 2 + u[:, None] ** 2) > 1.0
+    return (hu < fill_below_hu) | circle
+
+
+def _upsample_sinogram(coarse: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, V, M) at views/factor and bins/factor → (B, V·factor, M·factor), linear in angle and bin.
+
+    One view is wrapped around at each end (the view at θ+π is the view at θ mirrored) so that
+    the first and last fine views interpolate instead of clamping.
+    """
+    if factor == 1:
+        return coarse
+    padded = torch.cat([coarse[:, -1:].flip(-1), coarse, coarse[:, :1].flip(-1)], dim=1)
+    views, bins = padded.shape[1] * factor, coarse.shape[2] * factor
+    fine = F.interpolate(padded.unsqueeze(1), size=(views, bins), mode="bilinear", align_corners=False)[:, 0]
+    return fine[:, factor: factor + coarse.shape[1] * factor]
+
+
+def _pad_to_square(hu: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    height, width = hu.shape[-2:]
+    size = max(height, width)
+    size += -size % multiple
+    top, left = (size - height) // 2, (size - width) // 2
+    fill = torch.full((hu.shape[0], size, size), -HU_PER_WATER, device=hu.device, dtype=hu.dtype)
+    fill[:, top: top + height, left: left + width] = hu
+    return fill, (top, left)
+
+
+def simulated_noise_hu(hu: torch.Tensor, pixel_mm: float, dose: float, settings: SimulationSettings,
+                       generator: torch.Generator | None, projector: ParallelBeamProjector) -> torch.Tensor:
+    """The noise, in HU, that dose fraction ``dose`` adds to square slices (B, N, N)."""
+    outside = outside_field_of_view(hu, settings.outside_fov_below_hu)
+    mu = hu_to_mu(hu, settings.mu_water_per_mm, outside)
+    factor = settings.attenuation_downsample
+    coarse_mu = F.avg_pool2d(mu.unsqueeze(1), factor)[:, 0] if factor > 1 else mu
+    coarse = ParallelBeamProjector(coarse_mu.shape[-1], settings.views // factor, hu.device, settings.memory_budget_mb)
+    line_integrals = _upsample_sinogram(coarse.project(coarse_mu) * (pixel_mm * factor), factor)
+    expected = dose * settings.incident_flux * torch.exp(-line_integrals)
+    counts = torch.poisson(expected, generator=generator)
+    if settings.electronic_noise > 0:
+        counts = counts + settings.electronic_noise * torch.randn(counts.shape, generator=generator, device=counts.device)
+    low_dose = -torch.log(counts.clamp(min=settings.count_floor) / (dose * settings.incident_flux))
+    noise_mu = fbp(projector, low_dose - line_integrals, settings.filter, pixel_mm)
+    noise = noise_mu * (HU_PER_WATER / settings.mu_water_per_mm)
+    return torch.where(outside, torch.zeros_like(noise), noise)
+
+
+def simulate_low_dose(hu, pixel_spacing_mm: float, dose: float, settings: SimulationSettings | None = None,
+                      generator: torch.Generator | None = None):
+    """Low-dose version of normal-dose slices: (H, W) or (S, H, W) HU, numpy or torch, same back.
+
+    numpy input runs on ``settings.device``; torch input on its own device (pass a generator on
+    that device for reproducible noise). Pixels outside the field of view come back unchanged.
+    """
+    settings = settings or SimulationSettings()
+    validate_settings(settings)
+    validate_dose(dose)
+    as_numpy = not isinstance(hu, torch.Tensor)
+    device = resolve_device(settings.device) if as_numpy else hu.device
+    volume = torch.as_tensor(np.asarray(hu, dtype=np.float32) if as_numpy else hu, device=device).float()
+    single = volume.ndim == 2
+    if single:
+        volume = volume.unsqueeze(0)
+    if volume.ndim != 3:
+        raise ValueError(f"simulate_low_dose takes (H, W) or (S, H, W) slices, got shape {tuple(volume.shape)}")
+    height, width = volume.shape[-2:]
+    square, (top, left) = _pad_to_square(volume, settings.attenuation_downsample)
+    projector = ParallelBeamProjector(square.shape[-1], settings.views, device, settings.memory_budget_mb)
+    out = torch.empty_like(volume)
+    for first in range(0, volume.shape[0], settings.slices_per_batch):
+        batch = square[first: first + settings.slices_per_batch]
+        noise = simulated_noise_hu(batch, pixel_spacing_mm, dose, settings, generator, projector)
+        out[first: first + len(batch)] = (batch + noise)[:, top: top + height, left: left + width]
+    if single:
+        out = out[0]
+    return out.cpu().numpy() if as_numpy else out
+
+
+# ---------------------------------------------------------------- DICOM series in, DICOM series out
+
+log = get_logger(__name__)
+# Namespace of the simulated series' UIDs: "2.25." + UUIDv5 needs no registered root.
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "ldct-node simulate")
+SERIES_DESCRIPTION_MAX = 64  # the LO value representation
+# Slices read, simulated and written at a time: the simulation is slice by slice, so total-body
+# series of thousands of slices need not fit in memory at once.
+READ_CHUNK_SLICES = 64
+
+
+def simulated_uid(kind: str, source_uid: str, dose: float, seed: int, settings: SimulationSettings) -> str:
+    """A UID that depends on its source, the dose, the seed and the settings: a re-run with the same
+    inputs writes the same UIDs (a replacement), a different dose or seed a different series."""
+    name = "\x1f".join((kind, source_uid, repr(dose), str(seed), repr(dataclasses.astuple(settings))))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+def simulated_description(source: str | None, dose: float) -> str:
+    """The source description with the dose appended, cut from the source side to fit 64 characters."""
+    suffix = f" simulated {dose * 100:g} % dose"
+    return (source or "")[: SERIES_DESCRIPTION_MAX - len(suffix)].rstrip() + suffix
+
+
+def series_seed(seed: int, series_uid: str) -> int:
+    """Per-series noise seed, so a series' noise does not depend on which other series share the tree."""
+    digest = hashlib.sha256(f"{seed}:{series_uid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def pixel_spacing_mm(ds: pydicom.Dataset) -> float:
+    """The in-plane pixel size; the parallel-beam projector needs square pixels."""
+    try:
+        rows, columns = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        raise CommandError(f"series {ds.SeriesInstanceUID} has no usable PixelSpacing: the simulation needs the pixel size in mm") from None
+    if not math.isclose(rows, columns, rel_tol=1e-3):
+        raise CommandError(f"series {ds.SeriesInstanceUID} has non-square pixels ({rows} x {columns} mm): resample it to square pixels first")
+    return rows
+
+
+def simulated_dataset(source: pydicom.Dataset, hu: np.ndarray, series_uid: str, sop_uid: str, dose: float) -> pydicom.Dataset:
+    """A copy of source with the simulated pixels, new UIDs and a description naming the dose."""
+    ds = source.copy()
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        # The pixels are rewritten, so the old encoding cannot be kept; every PACS takes this one.
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    slope, intercept = rescale(source)
+    stored = stored_values(source)
+    new = hu_to_stored(hu, slope, intercept, int(source.BitsStored), int(source.PixelRepresentation), stored.dtype)
+    ds.PixelData = np.ascontiguousarray(new).tobytes()
+    ds["PixelData"].VR = "OB" if new.dtype.itemsize == 1 else "OW"
+    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if keyword in ds:
+            del ds[keyword]
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SeriesDescription = simulated_description(source.get("SeriesDescription"), dose)
+    return ds
+
+
+def simulate_stack(datasets: list[pydicom.Dataset], dose: float, settings: SimulationSettings,
+                   generator: torch.Generator) -> list[np.ndarray]:
+    """Simulated HU of one stack of slices (same matrix size), padding pixels unchanged."""
+    stored = [stored_values(ds) for ds in datasets]
+    hu = np.stack([stored_to_hu(s, *rescale(ds)) for s, ds in zip(stored, datasets)]).astype(np.float32)
+    keep = np.stack([padding_mask(s, h, *padding_values(ds), settings.outside_fov_below_hu)
+                     for s, h, ds in zip(stored, hu, datasets)])
+    # Padding is air to the projector; it is put back unchanged below.
+    projected = np.where(keep, settings.outside_fov_below_hu - 1.0, hu)
+    low = simulate_low_dose(projected, pixel_spacing_mm(datasets[0]), dose, settings, generator)
+    return [restore_masked(h.astype(np.float64), l.astype(np.float64), k) for h, l, k in zip(hu, low, keep)]
+
+
+def simulate_series(series_uid: str, instances: list[Instance], nd_dir: Path, ld_dir: Path, dose: float,
+                    seed: int, settings: SimulationSettings) -> list[Path]:
+    """Write the simulated series beside the layout of nd_dir; returns the written paths."""
+    device = resolve_device(settings.device)
+    generator = torch.Generator(device=device).manual_seed(series_seed(seed, series_uid))
+    new_series_uid = simulated_uid("series", series_uid, dose, seed, settings)
+    written = []
+    for stack in stacks(instances):
+        for first in range(0, len(stack), READ_CHUNK_SLICES):
+            chunk = stack[first: first + READ_CHUNK_SLICES]
+            datasets = [pydicom.dcmread(instance.path) for instance in chunk]
+            for instance, source, hu in zip(chunk, datasets, simulate_stack(datasets, dose, settings, generator)):
+                sop_uid = simulated_uid("instance", instance.sop_uid, dose, seed, settings)
+                target = ld_dir / instance.path.relative_to(nd_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_dataset(simulated_dataset(source, hu, new_series_uid, sop_uid, dose), target)
+                written.append(target)
+    return written
+
+
+def series_folder(paths: list[Path]) -> Path:
+    """The deepest folder holding all of a series' files."""
+    return Path(os.path.commonpath([p.parent for p in paths]))
+
+
+def pair_block(patient: str, low: Path, normal: Path, base: Path) -> str:
+    """One [[pair]] table, paths relative to the pairs file's folder (JSON strings are TOML strings)."""
+    rel = lambda p: Path(os.path.relpath(p.resolve(), base.resolve())).as_posix()  # noqa: E731
+    return f"\n[[pair]]\npatient = {json.dumps(patient)}\nlow = {json.dumps(rel(low))}\nnormal = {json.dumps(rel(normal))}\n"
+
+
+def extend_pairs_file(path: Path, patient: str, folders: list[tuple[Path, Path]]) -> int:
+    """Append a pair per (low, normal) folder not yet named in the file; returns how many were added."""
+    known = set()
+    if path.exists():
+        known = {(p.patient, p.low.resolve(), p.normal.resolve()) for p in load_pairs(path, require_existing=False)}
+    blocks = [pair_block(patient, low, normal, path.parent) for low, normal in folders
+              if (patient, low.resolve(), normal.resolve()) not in known]
+    if blocks:
+        old = path.read_text() if path.exists() else ""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(old + "".join(blocks))
+        tmp.replace(path)
+    return len(blocks)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SimulationSettings()
+    parser.add_argument("nd_dir", type=Path, metavar="ND_DIR", help="folder tree of normal-dose CT series (DICOM)")
+    parser.add_argument("ld_dir", type=Path, metavar="LD_DIR", help="receives the simulated series, same file layout and names")
+    parser.add_argument("--dose", type=float, required=True, help="dose fraction in (0, 1], e.g. 0.05 for 5 %%")
+    parser.add_argument("--flux", type=float, default=defaults.incident_flux,
+                        help="incident photons per detector bin and view at full dose (default %(default)g)")
+    parser.add_argument("--electronic-noise", type=float, default=defaults.electronic_noise,
+                        help="electronic noise SD in photon counts (default %(default)g)")
+    parser.add_argument("--views", type=int, default=defaults.views, help="projection views over 180 degrees (default %(default)d)")
+    parser.add_argument("--filter", choices=FILTERS, default=defaults.filter, help="reconstruction filter (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same output (default 0)")
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    parser.add_argument("--pairs", type=Path, help="pairs TOML file to create or extend with the new pairs")
+    parser.add_argument("--patient", help="patient name for the pairs file (required with --pairs)")
+
+
+def settings_from_args(args: argparse.Namespace) -> SimulationSettings:
+    settings = dataclasses.replace(SimulationSettings(), incident_flux=args.flux, electronic_noise=args.electronic_noise,
+                                   views=args.views, filter=args.filter, device=args.device)
+    validate_settings(settings)
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    validate_dose(args.dose)
+    nd_dir, ld_dir = args.nd_dir, args.ld_dir
+    if not nd_dir.is_dir():
+        raise CommandError(f"normal-dose folder {nd_dir} does not exist or is not a folder")
+    if ld_dir.resolve().is_relative_to(nd_dir.resolve()):
+        raise CommandError(f"output folder {ld_dir} lies inside the normal-dose folder {nd_dir}: choose a folder outside it")
+    if args.pairs is not None and not args.patient:
+        raise CommandError("--pairs needs --patient NAME: the patient is the unit the splits keep together")
+    scan = scan_tree(nd_dir)
+    if not scan.series:
+        raise CommandError(f"no axial CT series found under {nd_dir} ({len(scan.skipped)} files skipped): point ND_DIR at normal-dose CT DICOM files")
+    folders = {uid: series_folder([i.path for i in instances]) for uid, instances in sorted(scan.series.items())}
+    if args.pairs is not None and len(set(folders.values())) < len(folders):
+        raise CommandError(f"several series share a folder under {nd_dir}: a pairs file needs one series per folder, so move them apart or leave out --pairs")
+
+    started = time.monotonic()
+    slices = 0
+    for uid, instances in sorted(scan.series.items()):
+        series_started = time.monotonic()
+        try:
+            written = simulate_series(uid, instances, nd_dir, ld_dir, args.dose, args.seed, settings)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise CommandError(f"disk full while writing to {ld_dir}: free space and run again (a re-run writes the same files)") from None
+            raise
+        slices += len(written)
+        log.info("simulated series", series_uid=uid, slices=len(written), dose=args.dose,
+                 seconds_per_slice=round((time.monotonic() - series_started) / len(written), 3))
+    elapsed = time.monotonic() - started
+    print(f"simulated {len(scan.series)} series ({slices} slices) at {args.dose * 100:g} % dose into {ld_dir} "
+          f"in {elapsed:.1f} s ({elapsed / slices:.2f} s per slice); {len(scan.skipped)} other files skipped")
+    if args.pairs is not None:
+        pairs = [(ld_dir / folder.relative_to(nd_dir), folder) for folder in folders.values()]
+        added = extend_pairs_file(args.pairs, args.patient, pairs)
+        print(f"{args.pairs}: {added} pair(s) added")
+    return 0
