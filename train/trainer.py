@@ -1,0 +1,736 @@
+"""`ldct-node train`: two-stage teacher–student training of TSC-Net, and the RED-CNN baseline.
+
+    ldct-node train teacher --data pairs.toml --out runs/t                    # stage 1: NDCT → NDCT
+    ldct-node train student --teacher runs/t/best.safetensors --data pairs.toml --out runs/s
+    ldct-node train student --variant B --data pairs.toml --out runs/b        # ablation A/B/C/D
+    ldct-node train redcnn --data pairs.toml --out runs/red                   # baseline, same data and loop
+    ldct-node train student --variant A --fresh-dose 0.05 ...                 # new simulated noise every step
+    torchrun --nproc_per_node 4 -m ldct_node.cli train student ...            # DDP, one process per GPU
+    torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 4 -m ldct_node.cli train ...
+
+OUT receives ``last.safetensors`` (+ card) and ``last.state.pt`` after every epoch, ``best.safetensors``
+(+ card) whenever the validation PSNR over [−1024, 3072] HU improves, ``metrics.csv`` and TensorBoard
+events under ``tensorboard/``. ``--resume`` continues from ``last.state.pt``. With several processes
+only rank 0 writes; for multi-node runs OUT must be on a filesystem every node sees (resume reads it),
+and ``--batch-size`` is per process. Training and validation volumes are held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tensorboardX import SummaryWriter
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from ldct_node import __version__
+from ldct_node.cli import CommandError
+from ldct_node.logs import configure_logging, get_logger
+from ldct_node.model import REDCNNConfig, TSCNetConfig, build_model
+from ldct_node.weights import InputScaling, ModelCard, load_weights, read_card, save_weights
+
+from .data import PairedSlices, ScaledPair, assign_splits, load_pairs, load_scaled_pairs
+from .losses import LossInputs, LossWeights, total_loss
+from .metrics import HU_FULL, psnr
+from .simulate import SimulationSettings, simulate_low_dose
+from .vgg import load_vgg
+
+log = get_logger("ldct_train.trainer")
+
+STAGES = ("teacher", "student", "redcnn")
+CARD_NAMES = {"teacher": "tscnet-teacher", "student": "tscnet-student", "redcnn": "redcnn"}
+ARCHITECTURES = {"teacher": "tscnet", "student": "tscnet", "redcnn": "redcnn"}
+STATE_FORMAT = "ldct-train-state/1"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimiser and schedule; the defaults are the paper's (DESIGN §4)."""
+
+    epochs: int
+    batch_size: int
+    milestones: tuple[int, ...]  # epochs after which the learning rate is multiplied by gamma
+    lr: float = 1e-4
+    gamma: float = 0.5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+
+
+# RED-CNN gets the student's schedule so the baseline sees exactly the same training budget.
+SCHEDULES = {
+    "teacher": Schedule(epochs=10, batch_size=4, milestones=(2, 4)),
+    "student": Schedule(epochs=35, batch_size=2, milestones=(10, 20)),
+    "redcnn": Schedule(epochs=35, batch_size=2, milestones=(10, 20)),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the paper's ablation."""
+
+    use_dem: bool
+    knowledge_transfer: bool
+    contrast: bool
+
+
+VARIANTS = {
+    "A": Variant(use_dem=False, knowledge_transfer=False, contrast=False),  # baseline
+    "B": Variant(use_dem=True, knowledge_transfer=False, contrast=False),  # + DEM
+    "C": Variant(use_dem=True, knowledge_transfer=True, contrast=False),  # + knowledge transfer
+    "D": Variant(use_dem=True, knowledge_transfer=True, contrast=True),  # + contrastive regularisation
+}
+DEFAULT_VARIANT = "D"
+# The teacher and RED-CNN have no ablation: plain reconstruction losses on their own network.
+PLAIN = Variant(use_dem=True, knowledge_transfer=False, contrast=False)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    patch_size: int | None = None  # None: full slices, the paper's setting
+    patches_per_epoch: int | None = None  # None: as many patches as training slices
+    augment: bool = True
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    workers: int = 2
+    # Seeds only the patient split, apart from --seed, so that changing the training seed never moves
+    # patients between train and test (evaluate assigns splits with the same default).
+    split_seed: int = 0
+    # Dose fraction for fresh simulated low-dose noise every step (None: the pairs' low-dose volumes).
+    fresh_dose: float | None = None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", choices=STAGES, help="teacher (stage 1, NDCT→NDCT), student (stage 2) or the redcnn baseline")
+    parser.add_argument("--data", type=Path, required=True, help="pairs file (TOML) naming low-/normal-dose volumes")
+    parser.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, best weights and metrics")
+    parser.add_argument("--teacher", type=Path, help="frozen teacher weights for knowledge transfer (student variants C, D)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help=f"student ablation variant (default {DEFAULT_VARIANT}): "
+                        "A baseline, B +DEM, C +knowledge transfer, D +contrastive regularisation")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.state.pt")
+    schedule = parser.add_argument_group("schedule (defaults: the paper's for the stage)")
+    schedule.add_argument("--epochs", type=int, help="teacher 10, student and redcnn 35")
+    schedule.add_argument("--batch-size", type=int, help="per process: teacher 4, student and redcnn 2")
+    schedule.add_argument("--lr", type=float, help="Adam learning rate, 1e-4")
+    schedule.add_argument("--milestones", type=parse_int_list, help="comma-separated epochs after which the lr is multiplied by --lr-gamma")
+    schedule.add_argument("--lr-gamma", type=float, help="0.5 (halving); milestones: teacher 2,4, student and redcnn 10,20")
+    data = parser.add_argument_group("data")
+    data.add_argument("--patch-size", type=int, help="train on random square patches of this size (default: full slices)")
+    data.add_argument("--patches-per-epoch", type=int, help="patches drawn per epoch (default: one per training slice)")
+    data.add_argument("--no-augment", action="store_true", help="switch off rotations by 90/180/270 and horizontal flips")
+    data.add_argument("--fresh-dose", type=float, help="draw a new simulated low-dose realisation (ldct-node simulate's "
+                      "projection-domain model) of every training slice at this dose fraction each step; full slices only; "
+                      "validation uses one fixed realisation")
+    data.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never; then no best.safetensors)")
+    data.add_argument("--val-fraction", type=float, default=DataOptions.val_fraction, help="share of patients without a split that go to validation")
+    data.add_argument("--test-fraction", type=float, default=DataOptions.test_fraction, help="share of patients without a split held out for testing")
+    data.add_argument("--split-seed", type=int, default=DataOptions.split_seed,
+                      help="seed of the patient split for pairs without one; keep it equal to evaluate's")
+    data.add_argument("--workers", type=int, default=DataOptions.workers, help="data loader worker processes")
+    arch = parser.add_argument_group("architecture (default: the teacher's for a student, else the model's defaults)")
+    arch.add_argument("--in-slices", type=int, help="slices fed to the network (odd; 3 adds both neighbours)")
+    arch.add_argument("--width", type=int, help="channels at full resolution")
+    arch.add_argument("--num-dems", type=int, help="dynamic enhancement modules (TSC-Net)")
+    loss = parser.add_argument_group("loss weights")
+    defaults = LossWeights()
+    loss.add_argument("--w-pixel", type=float, default=defaults.pixel, help="smooth L1")
+    loss.add_argument("--w-msssim", type=float, default=defaults.msssim, help="1 − MS-SSIM")
+    loss.add_argument("--w-kt", type=float, default=defaults.kt, help="knowledge transfer L1")
+    loss.add_argument("--w-contrast", type=float, default=defaults.contrast, help="contrastive regularisation")
+    loss.add_argument("--betas", type=parse_float_list, default=defaults.betas, help="contrastive layer weights for conv1_2,conv2_2,conv3_3")
+    loss.add_argument("--vgg-weights", type=Path, help="VGG-16 conv1–3 safetensors (default: search $LDCT_NODE_VGG_WEIGHTS, weights/, the cache)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="seeds weights, data order, patches and augmentation")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    run.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    run.add_argument("--version-tag", default="0.1.0", help="version written into the model card")
+    run.add_argument("--card-data", type=Path, help="JSON object merged into the model card's data section "
+                     "(dose fraction, simulation settings, dataset citation ...)")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# ---------------------------------------------------------------- recipe rules
+
+
+def resolve_schedule(stage: str, args: argparse.Namespace) -> Schedule:
+    """The stage's paper schedule with the command-line overrides applied and checked."""
+    overrides = {field: getattr(args, name) for field, name in
+                 (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"), ("milestones", "milestones"), ("gamma", "lr_gamma"))
+                 if getattr(args, name, None) is not None}
+    schedule = dataclasses.replace(SCHEDULES[stage], **overrides)
+    if schedule.epochs < 1 or schedule.batch_size < 1:
+        raise CommandError("--epochs and --batch-size must be at least 1")
+    if not schedule.lr > 0 or not schedule.gamma > 0:
+        raise CommandError("--lr and --lr-gamma must be positive")
+    return schedule
+
+
+def lr_at(schedule: Schedule, epoch: int) -> float:
+    """Learning rate of a 0-based epoch: lr × gamma per milestone already passed."""
+    return schedule.lr * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+
+
+def resolve_variant(stage: str, variant: str | None) -> tuple[str, Variant]:
+    if stage != "student":
+        if variant is not None:
+            raise CommandError(f"--variant applies to the student only, not to {stage}")
+        return "-", PLAIN
+    name = variant or DEFAULT_VARIANT
+    return name, VARIANTS[name]
+
+
+def resolve_architecture(stage: str, variant: Variant, args: argparse.Namespace, teacher_settings: dict | None) -> dict:
+    """Network settings: the teacher's (a student must match it for knowledge transfer) or the
+    model defaults, then the command-line overrides, then the variant's DEM switch."""
+    overrides = {k: v for k, v in (("in_slices", args.in_slices), ("width", args.width), ("num_dems", args.num_dems)) if v is not None}
+    if stage == "redcnn":
+        if "num_dems" in overrides:
+            raise CommandError("--num-dems applies to TSC-Net only, not to redcnn")
+        return dataclasses.replace(REDCNNConfig(), **overrides).to_dict()
+    base = TSCNetConfig.from_dict(teacher_settings) if teacher_settings else TSCNetConfig()
+    return dataclasses.replace(base, **overrides, use_dem=variant.use_dem).to_dict()
+
+
+def check_buildable(architecture: str, settings: dict) -> None:
+    """Build the network once on the CPU so bad settings fail before any data is read."""
+    if any(settings[key] < 1 for key in ("in_slices", "width", "num_dems") if key in settings):
+        raise CommandError("--in-slices, --width and --num-dems must be at least 1")
+    try:
+        build_model(architecture, settings)
+    except ValueError as exc:
+        raise CommandError(f"cannot build {architecture} with {settings}: {exc}") from None
+
+
+def check_teacher_fits(student: dict, teacher: dict) -> None:
+    """Knowledge transfer compares feature maps: same width and input slices, and a DEM to tap."""
+    for key in ("width", "in_slices"):
+        if student[key] != teacher[key]:
+            raise CommandError(f"student {key} {student[key]} differs from the teacher's {teacher[key]}: drop --{key.replace('_', '-')} or train a matching teacher")
+    if student["feature_index"] >= teacher["num_dems"] or student["feature_index"] >= student["num_dems"]:
+        raise CommandError(f"knowledge transfer taps DEM {student['feature_index'] + 1}, which the student or teacher lacks: use --num-dems ≥ {student['feature_index'] + 1}")
+
+
+def loss_weights_from(args: argparse.Namespace) -> LossWeights:
+    if len(args.betas) != len(LossWeights().betas):
+        raise CommandError(f"--betas needs {len(LossWeights().betas)} values (conv1_2, conv2_2, conv3_3)")
+    return LossWeights(pixel=args.w_pixel, msssim=args.w_msssim, kt=args.w_kt, contrast=args.w_contrast, betas=tuple(args.betas))
+
+
+# ---------------------------------------------------------------- processes and devices
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start_processes(device_name: str) -> tuple[Processes, torch.device]:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    procs = Processes(rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError("--device cuda asked for but no CUDA device is available: use --device cpu")
+    device = torch.device(f"cuda:{procs.local_rank}" if device_name == "cuda" else device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if procs.distributed:
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return procs, device
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """Mixed precision on CUDA only: bf16 where supported (no loss scaling needed), else fp16."""
+    if device.type != "cuda" or not enabled:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def hardware_description(device: torch.device, procs: Processes) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": device.type, "name": name, "processes": procs.world_size, "torch": torch.__version__}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over all parameters and buffers, in name order: equal on every DDP replica."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- data
+
+
+def describe_pair(spec, base: Path) -> dict:
+    def rel(p: Path) -> str:
+        return str(p.relative_to(base)) if p.is_relative_to(base) else str(p)
+
+    return {"patient": spec.patient, "low": rel(spec.low), "normal": rel(spec.normal),
+            "slices": list(spec.slices) if spec.slices else None}
+
+
+def load_split_data(pairs_path: Path, options: DataOptions, scaling: InputScaling) -> tuple[dict, dict]:
+    """Training and validation pairs in network units, and the data description for the card."""
+    specs = assign_splits(load_pairs(pairs_path), options.val_fraction, options.test_fraction, options.split_seed)
+    by_split = {name: [s for s in specs if s.split == name] for name in ("train", "val", "test")}
+    if not by_split["train"]:
+        raise CommandError(f"pairs file {pairs_path} leaves no training pairs: mark some split = \"train\" or lower --val-fraction/--test-fraction")
+    scaled = load_scaled_pairs(by_split["train"] + by_split["val"], scaling)  # one pass: slabs share their volume
+    loaded = {"train": scaled[: len(by_split["train"])], "val": scaled[len(by_split["train"]) :]}
+    description = {
+        "pairs_file": str(pairs_path),
+        "pairs_file_text": pairs_path.read_text(),
+        "splits": {name: [describe_pair(s, pairs_path.parent) for s in group] for name, group in by_split.items()},
+        "slices": {name: int(sum(p.low.shape[0] for p in group)) for name, group in loaded.items()},
+    }
+    return loaded, description
+
+
+def simulated_low(normal: torch.Tensor, pixel_mm: float, dose: float, scaling: InputScaling,
+                  generator: torch.Generator) -> torch.Tensor:
+    """A low-dose realisation of normal-dose slices (S, H, W) in network units, same units back."""
+    hu = simulate_low_dose(scaling.to_hu(normal.float()), pixel_mm, dose, generator=generator)
+    return scaling.to_unit(hu)
+
+
+TRAINING_NOISE, VALIDATION_NOISE = 0, 1
+
+
+def noise_seed(*keys: int) -> int:
+    """A generator seed from (run seed, stream, epoch, rank ...): distinct noise for each, the same
+    again on resume."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a run; stored in the resume state and the model card."""
+
+    stage: str
+    variant_name: str
+    variant: Variant
+    architecture: str
+    settings: dict
+    schedule: Schedule
+    loss: LossWeights
+    data: DataOptions
+    seed: int
+    amp: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage, "variant": self.variant_name, "variant_switches": dataclasses.asdict(self.variant),
+            "architecture": self.architecture, "settings": self.settings, "schedule": dataclasses.asdict(self.schedule),
+            "loss_weights": active_loss_weights(self.loss, self.variant), "data": dataclasses.asdict(self.data), "seed": self.seed, "amp": self.amp,
+            "augmentation": "random rotation by 0/90/180/270 degrees and horizontal flip" if self.data.augment else "none",
+            "fresh_noise": None if self.data.fresh_dose is None else
+            {"dose": self.data.fresh_dose, "simulation": dataclasses.asdict(SimulationSettings())},
+        }
+
+
+def active_loss_weights(loss: LossWeights, variant: Variant) -> dict:
+    """The loss weights this variant actually uses, so a card never lists a term that was off."""
+    weights = loss.to_dict()
+    if not variant.knowledge_transfer:
+        del weights["kt"]
+    if not variant.contrast:
+        for key in ("contrast", "betas", "contrast_eps"):
+            del weights[key]
+    return weights
+
+
+def identity_of(recipe_dict: dict) -> dict:
+    """What a resumed run must share with the original (the schedule may be extended)."""
+    return {k: recipe_dict[k] for k in ("stage", "variant", "architecture", "settings")}
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run reads and writes, and what its model cards say beyond the recipe."""
+
+    out: Path
+    pairs: Path
+    teacher: Path | None = None
+    vgg: Path | None = None
+    version_tag: str = "0.1.0"
+    val_every: int = 1
+    card_data: dict = dataclasses.field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, files: RunFiles, procs: Processes, device: torch.device):
+        self.recipe, self.files, self.procs, self.device = recipe, files, procs, device
+        self.out, self.val_every = files.out, files.val_every
+        self.scaling = InputScaling()
+        torch.manual_seed(recipe.seed)
+        self.model = build_model(recipe.architecture, recipe.settings).to(device)
+        self.teacher, self.teacher_info = None, None
+        if recipe.variant.knowledge_transfer:
+            self.teacher, self.teacher_info = self._load_teacher(files.teacher)
+        self.vgg = load_vgg(files.vgg, device) if recipe.variant.contrast else None
+        splits, described = load_split_data(files.pairs, recipe.data, self.scaling)
+        # What the trainer measured wins over what the caller describes.
+        self.data_description = {**files.card_data, **described}
+        if recipe.data.fresh_dose is not None:
+            splits["val"] = [self._simulate_pair(p) for p in splits["val"]]
+        in_slices = recipe.settings["in_slices"]
+        self.train_set = PairedSlices(splits["train"], in_slices, recipe.data.patch_size, recipe.data.patches_per_epoch,
+                                      augment=recipe.data.augment, seed=recipe.seed)
+        self.val_set = PairedSlices(splits["val"], in_slices) if splits["val"] and self.val_every > 0 else None
+        if self.val_every > 0 and self.val_set is None:
+            raise CommandError("no validation pairs: mark a pair (or a slices slab of one patient) split = \"val\", "
+                               "raise --val-fraction, or pass --val-every 0 to train without validation")
+        self.sampler = DistributedSampler(self.train_set, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=recipe.seed)
+        self.loader = DataLoader(self.train_set, batch_size=recipe.schedule.batch_size, sampler=self.sampler,
+                                 num_workers=recipe.data.workers, pin_memory=device.type == "cuda")
+        self.net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) if procs.distributed else self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.schedule.lr, betas=recipe.schedule.adam_betas)
+        self.amp_dtype = autocast_dtype(device, recipe.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.epoch = 0
+        self.best_psnr = -math.inf
+        self.history: list[dict] = []
+        self.wall_time_s = 0.0
+
+    # -------------------------------------------------------- setup helpers
+
+    def _load_teacher(self, path: Path | None) -> tuple[nn.Module, dict]:
+        if path is None:
+            raise CommandError(f"student variant {self.recipe.variant_name} uses knowledge transfer and needs --teacher "
+                               "runs/t/best.safetensors (train one with `ldct-node train teacher`), or use --variant A or B")
+        loaded = load_weights(path, self.device)
+        if loaded.card.architecture != "tscnet":
+            raise CommandError(f"--teacher {path} is a {loaded.card.architecture} network: pass a TSC-Net teacher")
+        check_teacher_fits(self.recipe.settings, loaded.card.settings)
+        loaded.model.requires_grad_(False)
+        return loaded.model.eval(), {"path": str(loaded.path), "model": loaded.card.model_id, "sha256": loaded.card.sha256}
+
+    def _simulate_pair(self, pair: ScaledPair) -> ScaledPair:
+        """The pair with its low-dose volume replaced by one seeded simulation (for validation)."""
+        generator = torch.Generator(self.device).manual_seed(noise_seed(self.recipe.seed, VALIDATION_NOISE))
+        normal = torch.from_numpy(pair.normal).to(self.device)
+        low = simulated_low(normal, pair.pixel_mm, self.recipe.data.fresh_dose, self.scaling, generator)
+        return dataclasses.replace(pair, low=low.cpu().numpy())
+
+    # -------------------------------------------------------- resume state
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "last.state.pt"
+
+    def resume(self) -> None:
+        if not self.state_path.is_file():
+            raise CommandError(f"nothing to resume: {self.state_path} does not exist; start without --resume")
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise CommandError(f"{self.state_path} is not a resume state of this trainer: start a new run in another --out")
+        saved = identity_of(json.loads(state["recipe"]))
+        if saved != identity_of(self.recipe.to_dict()):
+            raise CommandError(f"{self.state_path} is a different run ({saved['stage']}, variant {saved['variant']}, "
+                               f"{saved['architecture']} {saved['settings']}): resume with the same stage, variant and architecture")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best_psnr = int(state["epoch"]), float(state["best_psnr"])
+        self.history, self.wall_time_s = list(state["history"]), float(state["wall_time_s"])
+        torch.set_rng_state(state["rng"])
+
+    def _save_state(self) -> None:
+        state = {
+            "format": STATE_FORMAT, "recipe": json.dumps(self.recipe.to_dict()), "epoch": self.epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "best_psnr": self.best_psnr, "history": self.history, "wall_time_s": self.wall_time_s, "rng": torch.get_rng_state(),
+        }
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+
+    # -------------------------------------------------------- one step
+
+    def _inputs(self, batch: dict, fresh: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(network input, normal stack, low-dose middle slice, normal-dose middle slice); with a
+        ``fresh`` generator the low-dose stack is simulated anew from the normal-dose one."""
+        low = batch["low"].to(self.device, non_blocking=True)
+        normal = batch["normal"].to(self.device, non_blocking=True)
+        if fresh is not None:
+            low = torch.stack([simulated_low(n, float(mm), self.recipe.data.fresh_dose, self.scaling, fresh)
+                               for n, mm in zip(normal, batch["pixel_mm"])])
+        mid = low.shape[1] // 2
+        # Stage 1 learns to reproduce the normal-dose image from itself.
+        x = normal if self.recipe.stage == "teacher" else low
+        return x, normal, low[:, mid : mid + 1], normal[:, mid : mid + 1]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _step(self, batch: dict, fresh: torch.Generator | None) -> dict[str, float]:
+        x, normal, ld, nd = self._inputs(batch, fresh)
+        feature_index = self.recipe.settings.get("feature_index", 0)
+        with self._autocast():
+            rec, features = self.net(x, return_features=True)
+            teacher_features = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_features = self.teacher(normal, return_features=True)[1][feature_index]
+        inputs = LossInputs(rec=rec, nd=nd, ld=ld if self.vgg is not None else None,
+                            student_features=features[feature_index] if teacher_features is not None else None,
+                            teacher_features=teacher_features)
+        # Losses in float32: SSIM's variances (E[x²] − E[x]²) cancel catastrophically in half precision.
+        loss, parts = total_loss(self.recipe.loss, inputs, self.vgg)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return parts
+
+    # -------------------------------------------------------- epochs
+
+    def _train_epoch(self) -> dict[str, float]:
+        lr = lr_at(self.recipe.schedule, self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.sampler.set_epoch(self.epoch)
+        self.train_set.set_epoch(self.epoch)
+        self.net.train()
+        fresh = None
+        if self.recipe.data.fresh_dose is not None:
+            fresh = torch.Generator(self.device).manual_seed(noise_seed(self.recipe.seed, TRAINING_NOISE, self.epoch, self.procs.rank))
+        sums: dict[str, float] = {}
+        steps = 0
+        bar = tqdm(self.loader, desc=f"{self.recipe.stage} epoch {self.epoch + 1}/{self.recipe.schedule.epochs}",
+                   disable=not self.procs.is_main, dynamic_ncols=True, unit="batch")
+        for batch in bar:
+            parts = self._step(batch, fresh)
+            steps += 1
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{parts['total']:.5f}", lr=f"{lr:.2g}")
+        means = {f"train_{k}": v / max(steps, 1) for k, v in sorted(sums.items())}
+        if self.procs.distributed:
+            values = torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)  # nccl: CUDA tensors only
+            torch_dist.all_reduce(values)
+            means = dict(zip(means, (values / self.procs.world_size).tolist()))
+        return {"lr": lr, **means}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean PSNR over validation slices on [−1024, 3072] HU (full slices, no augmentation)."""
+        self.model.eval()
+        scores = []
+        for i in range(len(self.val_set)):
+            item = self.val_set[i]
+            x, _, _, nd = self._inputs({k: v[None] for k, v in item.items()})
+            with self._autocast():
+                rec = self.model(x)
+            rec_hu = self.scaling.to_hu(rec.float().cpu().numpy()[0, 0])
+            nd_hu = self.scaling.to_hu(nd.float().cpu().numpy()[0, 0])
+            scores.append(psnr(rec_hu, nd_hu, HU_FULL))
+        return float(np.mean(scores))
+
+    def fit(self) -> Path:
+        schedule = self.recipe.schedule
+        writer = self._tensorboard()
+        if self.epoch >= schedule.epochs and self.procs.is_main:
+            log.info("already trained", epochs=self.epoch, out=str(self.out))
+        while self.epoch < schedule.epochs:
+            started = time.monotonic()
+            row = {"epoch": self.epoch + 1, **self._train_epoch()}
+            last_epoch = self.epoch + 1 == schedule.epochs
+            if self.procs.is_main and self.val_set is not None and ((self.epoch + 1) % self.val_every == 0 or last_epoch):
+                row["val_psnr_db"] = self.validate()
+            self.epoch += 1
+            self.wall_time_s += time.monotonic() - started
+            row["seconds"] = time.monotonic() - started
+            self.history.append(row)
+            if self.procs.is_main:
+                self._checkpoint(row, writer)
+            if self.procs.distributed:
+                torch_dist.barrier()
+        replicas = self._replica_digests()
+        if self.procs.is_main:
+            self._write_weights("last", {"replica_weights_sha256": replicas})
+            writer.close()
+        return self.out / "last.safetensors"
+
+    # -------------------------------------------------------- outputs
+
+    def _tensorboard(self):
+        if not self.procs.is_main:
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _checkpoint(self, row: dict, writer) -> None:
+        improved = "val_psnr_db" in row and row["val_psnr_db"] > self.best_psnr
+        if improved:
+            self.best_psnr = row["val_psnr_db"]
+            self._write_weights("best")
+        self._write_weights("last")
+        self._save_state()
+        write_metrics_csv(self.out / "metrics.csv", self.history)
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+        log.info("epoch done", **{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}, best=improved)
+
+    def _write_weights(self, stem: str, extra_training: dict | None = None) -> Path:
+        metrics = {}
+        if self.best_psnr > -math.inf:
+            metrics = {"validation": {"psnr_db": self.best_psnr if stem == "best" else self.history[-1].get("val_psnr_db"),
+                                      "hu_range": list(HU_FULL), "slices": self.data_description["slices"]["val"],
+                                      "epoch": self._best_epoch() if stem == "best" else self.epoch}}
+        training = {**self.recipe.to_dict(), "epochs_completed": self.epoch, "teacher": self.teacher_info,
+                    "hardware": hardware_description(self.device, self.procs), "wall_time_s": round(self.wall_time_s, 1),
+                    "trainer": f"ldct-node {__version__}", **(extra_training or {})}
+        card = ModelCard(name=CARD_NAMES[self.recipe.stage], version=self.files.version_tag, architecture=self.recipe.architecture,
+                         settings=self.recipe.settings, input_scaling=self.scaling, training=training, metrics=metrics,
+                         data=self.data_description)
+        return save_weights(self.model, card, self.out / f"{stem}.safetensors")
+
+    def _best_epoch(self) -> int | None:
+        scored = [r for r in self.history if "val_psnr_db" in r]
+        return max(scored, key=lambda r: r["val_psnr_db"])["epoch"] if scored else None
+
+    def _replica_digests(self) -> list[str]:
+        """Every replica's weight hash, so a run proves its replicas stayed identical."""
+        mine = weights_digest(self.model)
+        if not self.procs.distributed:
+            return [mine]
+        gathered: list[str | None] = [None] * self.procs.world_size
+        torch_dist.all_gather_object(gathered, mine)
+        if len(set(gathered)) != 1:
+            raise RuntimeError(f"DDP replicas diverged: weight hashes {gathered}")
+        return [str(g) for g in gathered]
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """One row per epoch; rewritten whole from the run history, so a resumed run has no gaps or repeats."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        out = csv.DictWriter(fh, fieldnames=columns)
+        out.writeheader()
+        out.writerows(history)
+    tmp.replace(path)
+
+
+def read_card_data(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        extra = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CommandError(f"--card-data {path} not found: check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CommandError(f"--card-data {path} is not valid JSON ({exc}): fix it") from None
+    if not isinstance(extra, dict):
+        raise CommandError(f"--card-data {path} must hold a JSON object ({{\"key\": value, ...}})")
+    return extra
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Counts and fractions that argparse types alone cannot bound."""
+    rules = [
+        (args.val_every >= 0, "--val-every must be 0 (never) or more"),
+        (args.workers >= 0, "--workers must be 0 or more"),
+        (args.patches_per_epoch is None or args.patches_per_epoch >= 1, "--patches-per-epoch must be at least 1"),
+        (args.patches_per_epoch is None or args.patch_size is not None, "--patches-per-epoch needs --patch-size"),
+        (args.fresh_dose is None or 0 < args.fresh_dose <= 1, "--fresh-dose must be a dose fraction in (0, 1]"),
+        (args.fresh_dose is None or args.patch_size is None, "--fresh-dose simulates whole slices: leave out --patch-size"),
+        (args.fresh_dose is None or args.stage != "teacher", "--fresh-dose makes no sense for the teacher, which never sees low dose"),
+        (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1,
+         "--val-fraction and --test-fraction must lie in [0, 1) and sum to less than 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise CommandError(message)
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    check_counts(args)
+    variant_name, variant = resolve_variant(args.stage, args.variant)
+    teacher_settings = None
+    if variant.knowledge_transfer and args.teacher is not None:
+        if not args.teacher.with_suffix(".safetensors").is_file():
+            raise CommandError(f"--teacher {args.teacher} not found: pass the best.safetensors of a `ldct-node train teacher` run")
+        teacher_settings = read_card(args.teacher).settings
+    settings = resolve_architecture(args.stage, variant, args, teacher_settings)
+    check_buildable(ARCHITECTURES[args.stage], settings)
+    data = DataOptions(patch_size=args.patch_size, patches_per_epoch=args.patches_per_epoch, augment=not args.no_augment,
+                       val_fraction=args.val_fraction, test_fraction=args.test_fraction, workers=args.workers,
+                       split_seed=args.split_seed, fresh_dose=args.fresh_dose)
+    return Recipe(stage=args.stage, variant_name=variant_name, variant=variant, architecture=ARCHITECTURES[args.stage],
+                  settings=settings, schedule=resolve_schedule(args.stage, args), loss=loss_weights_from(args),
+                  data=data, seed=args.seed, amp=not args.no_amp)
+
+
+def run(args: argparse.Namespace) -> int:
+    procs, device = start_processes(args.device)
+    configure_logging(args.log_level if procs.is_main else "warning")
+    try:
+        recipe = build_recipe(args)
+        files = RunFiles(out=args.out, pairs=args.data, teacher=args.teacher, vgg=args.vgg_weights, version_tag=args.version_tag,
+                         val_every=args.val_every, card_data=read_card_data(args.card_data))
+        if args.stage == "student" and not recipe.variant.knowledge_transfer and args.teacher is not None:
+            log.warning("teacher not used", variant=recipe.variant_name, teacher=str(args.teacher))
+        if not args.resume and (args.out / "last.state.pt").exists():
+            raise CommandError(f"{args.out} already holds a run (last.state.pt): pass --resume to continue it, or choose another --out")
+        trainer = Trainer(recipe, files, procs, device)
+        if args.resume:
+            trainer.resume()
+        last = trainer.fit()
+        if procs.is_main:
+            best = args.out / "best.safetensors"
+            log.info("training finished", last=str(last), best=str(best) if best.exists() else None,
+                     best_val_psnr_db=trainer.best_psnr if trainer.best_psnr > -math.inf else None)
+    finally:
+        if procs.distributed and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    return 0
