@@ -174,6 +174,10 @@ class TSCNet(nn.Module):
         self.up1 = nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1)
         self.dec0 = _conv_relu(2 * w, w)
         self.head = nn.Conv2d(w, 1, KERNEL, padding=1)
+        # Zero-initialised so an untrained network is the identity: training starts at the input's
+        # quality instead of first having to undo a random correction.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """x: (N, in_slices, H, W) scaled slices, H and W multiples of 4.

@@ -73,10 +73,7 @@ def test_forward_returns_one_feature_map_per_dem_at_quarter_resolution():
 
 
 def test_three_slice_input_predicts_the_middle_slice():
-    net = TSCNet(TSCNetConfig(in_slices=3, width=4, num_dems=2))
-    with torch.no_grad():
-        net.head.weight.zero_()
-        net.head.bias.zero_()
+    net = TSCNet(TSCNetConfig(in_slices=3, width=4, num_dems=2))  # untrained: zero head, identity
     x = torch.rand(1, 3, 16, 16)
     torch.testing.assert_close(net(x), x[:, 1:2])
 
