@@ -67,7 +67,7 @@ class DeriveSettings:
 @dataclass(frozen=True)
 class AllowedPeer:
     ae_title: str
-    host: str = ""  # empty: any address
+    host: str = ""  # the IP address the caller connects from; empty: any address
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,9 @@ class QueueSettings:
     # A series is complete once no instance of it arrived for this long.
     quiet_period_s: float = 10.0
     poll_interval_s: float = 0.5
+    # On SIGTERM, how long to wait for a series being denoised or sent; an interrupted one is
+    # simply redone after the restart, so this only trades shutdown time for wasted work.
+    stop_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,15 @@ def _validate(cfg: Config) -> None:
     need(cfg.derive.transfer_syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"),
          "derive.transfer_syntax", "must be explicit (1.2.840.10008.1.2.1) or implicit (1.2.840.10008.1.2) VR little endian")
     need(cfg.queue.quiet_period_s >= 0, "queue.quiet_period_s", "must be >= 0")
+    need(cfg.queue.poll_interval_s > 0, "queue.poll_interval_s", "must be > 0")
+    need(cfg.queue.stop_timeout_s >= 0, "queue.stop_timeout_s", "must be >= 0")
+    need(cfg.receive.min_free_bytes >= 0, "receive.min_free_bytes", "must be >= 0")
+    for i, peer in enumerate(cfg.receive.allowed):
+        need(0 < len(peer.ae_title.strip()) <= 16, f"receive.allowed[{i}].ae_title", "must be 1-16 characters")
+    need(cfg.send.backoff_initial_s > 0, "send.backoff_initial_s", "must be > 0")
+    need(cfg.send.backoff_max_s >= cfg.send.backoff_initial_s, "send.backoff_max_s", "must be >= send.backoff_initial_s")
+    need(cfg.send.max_pdu >= 4096 or cfg.send.max_pdu == 0, "send.max_pdu", "must be 0 (unlimited) or >= 4096")
+    need(0 < cfg.http.port < 65536, "http.port", "must be 1-65535")
     need(cfg.storage.keep_days >= 0, "storage.keep_days", "must be >= 0")
 
 

@@ -410,6 +410,10 @@ class Trainer:
         self.scaling = InputScaling()
         torch.manual_seed(recipe.seed)
         self.model = build_model(recipe.architecture, recipe.settings).to(device)
+        if recipe.stage == "teacher":
+            # TSC-Net's head starts at zero (identity), which solves NDCT -> NDCT at step 0 with zero
+            # gradients; the teacher must start from a correction to cancel so its features learn.
+            self.model.head.reset_parameters()
         self.teacher, self.teacher_info = None, None
         if recipe.variant.knowledge_transfer:
             self.teacher, self.teacher_info = self._load_teacher(files.teacher)

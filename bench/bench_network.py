@@ -1,0 +1,241 @@
+"""Network benchmarks of the node against DCMTK, side by side in one run, on the same files.
+
+    python bench/bench_network.py [--series DIR] [--weights shipped|tiny|PATH] [--repeats 3]
+                                  [--e2e-runs 2] [--quiet-period 2] [--json bench/results/network.json]
+
+- receive: DCMTK storescu sends the series to `ldct-node serve` and, alternately, to DCMTK
+  storescp; instances/s of each and their ratio (target: node >= 0.8 x storescp).
+- send: the node's delivery of the derived series to a storescp (the sender's own timing from
+  its "series delivered" log line) against storescu sending the very same derived files to a
+  fresh storescp; instances/s and ratio.
+- end to end: from the last instance received to the last derived instance stored at the
+  destination, split into quiet period (+ worker pick-up), denoise and send.
+
+Both sides use the same PDU limit (DCMTK's maximum, 128 kB) and TCP_NODELAY. The node makes
+every instance durable (fsync + rename + SQLite commit) before answering; storescp does not
+fsync, so the receive ratio is conservative. Default data: the shared 134-slice series
+(Pancreatic-CT-CBCT-SEG, TCIA, CC BY 4.0); without it a synthetic 512x512 series of the same size.
+Prints a table and writes JSON, both stating the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ldct_node import __version__  # noqa: E402
+from ldct_node.config import load_config  # noqa: E402
+from ldct_node.queue import DONE, Queue  # noqa: E402
+from tests import peers, synthetic  # noqa: E402
+
+SHARED_SERIES = REPO.parent / "shared" / "data" / "pancreas-ct-cb001"
+SYNTHETIC_SLICES = 134
+SYNTHETIC_SIZE = 512
+# The node must not start denoising while the receive rate is measured.
+RECEIVE_ONLY_QUIET_S = 3600.0
+DELIVERY_TIMEOUT_S = 1800.0
+RECEIVE_TARGET = SEND_TARGET = 0.8
+
+
+def machine() -> dict:
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    dcmtk = subprocess.run([str(peers.STORESCP), "--version"], capture_output=True, text=True).stdout.splitlines()
+    return {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(), "python": platform.python_version(), "ldct_node": __version__,
+        "dcmtk": dcmtk[0].strip("$ ") if dcmtk else "unknown",
+    }
+
+
+def source_files(series: Path | None, workdir: Path) -> tuple[list[Path], str]:
+    if series is None and (SHARED_SERIES / "1-001.dcm").is_file():
+        series = SHARED_SERIES
+    if series == SHARED_SERIES:
+        return sorted(series.glob("*.dcm")), f"{series} (Pancreatic-CT-CBCT-SEG, TCIA, CC BY 4.0; cite per Citations.txt)"
+    if series is not None:
+        return sorted(p for p in series.iterdir() if p.suffix == ".dcm"), str(series)
+    datasets = synthetic.ct_series(SYNTHETIC_SLICES, rows=SYNTHETIC_SIZE, columns=SYNTHETIC_SIZE)
+    files = synthetic.write_series(workdir / "synthetic", datasets)
+    return files, f"synthetic {SYNTHETIC_SLICES} x {SYNTHETIC_SIZE}x{SYNTHETIC_SIZE}"
+
+
+def weights_path(choice: str, workdir: Path) -> tuple[Path | None, str]:
+    """(path for [model] weights, description): 'shipped' (None), 'tiny' (random TSC-Net) or a file."""
+    if choice == "shipped":
+        return None, "shipped student weights"
+    if choice == "tiny":
+        from ldct_node.model import TSCNet, TSCNetConfig
+        from ldct_node.weights import ModelCard, save_weights
+
+        settings = TSCNetConfig(width=4, num_dems=2)
+        path = workdir / "tiny.safetensors"
+        save_weights(TSCNet(settings), ModelCard(name="tiny-random", version="0", architecture="tscnet",
+                                                 settings=settings.to_dict()), path)
+        return path, "tiny random TSC-Net (width 4, 2 DEMs): network speed, not model speed"
+    return Path(choice), choice
+
+
+def timed_storescu(files: list[Path], port: int, called_aet: str) -> float:
+    start = time.perf_counter()
+    result = peers.storescu(files, port, called_aet)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"storescu to {called_aet} failed: {result.stderr.strip()[-500:]}")
+    return seconds
+
+
+def start_node(workdir: Path, weights: Path | None, destinations: list[dict], quiet_period_s: float) -> peers.Node:
+    tables = peers.node_tables(workdir / "data", peers.free_port(), peers.free_port(), weights,
+                               destinations=destinations, quiet_period_s=quiet_period_s)
+    # Like for like with DCMTK, whose PDU cannot exceed 128 kB.
+    tables["receive"]["max_pdu"] = tables["send"]["max_pdu"] = peers.DCMTK_MAX_PDU
+    tables["inference"]["threads"] = 0  # all cores: measured as it would run, not as a polite test neighbour
+    return peers.make_node(workdir, tables).start()
+
+
+def bench_receive(files: list[Path], workdir: Path, weights: Path | None, repeats: int) -> dict:
+    node = start_node(workdir / "node-receive", weights, [], RECEIVE_ONLY_QUIET_S)
+    try:
+        with peers.running_storescp(workdir / "storescp-receive") as scp:
+            timed_storescu(files, scp.port, scp.aet)  # warm-up: page cache, first association
+            node_s, scp_s = [], []
+            for _ in range(repeats):  # alternate, so drifting machine load hits both alike
+                node_s.append(timed_storescu(files, node.port, node.ae_title))
+                scp_s.append(timed_storescu(files, scp.port, scp.aet))
+    finally:
+        node.stop()
+    return rates("receive", len(files), node_s, scp_s, RECEIVE_TARGET)
+
+
+def rates(what: str, count: int, node_s: list[float], dcmtk_s: list[float], target: float) -> dict:
+    node_rate = count / statistics.median(node_s)
+    dcmtk_rate = count / statistics.median(dcmtk_s)
+    return {"what": what, "instances": count, "node_seconds": node_s, "dcmtk_seconds": dcmtk_s,
+            "node_instances_per_s": round(node_rate, 1), "dcmtk_instances_per_s": round(dcmtk_rate, 1),
+            "ratio": round(node_rate / dcmtk_rate, 3), "target_ratio": target, "statistic": "median"}
+
+
+def delivered_events(node: peers.Node) -> list[dict]:
+    events = []
+    for line in node.log_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "series delivered":
+            events.append(event)
+    return events
+
+
+def wait_done(node: peers.Node, series_uid: str, run: int) -> dict:
+    deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+    queue = Queue(load_config(node.config_path).storage.database)
+    try:
+        while time.monotonic() < deadline:
+            row = queue.series(series_uid)
+            if row and row.run == run and row.state == DONE:
+                return row.to_dict()
+            if row and row.state == "failed":
+                raise SystemExit(f"the node failed the series: {row.reason}")
+            time.sleep(0.1)
+    finally:
+        queue.close()
+    raise SystemExit(f"series not delivered within {DELIVERY_TIMEOUT_S:g} s; see {node.log_path}")
+
+
+def bench_end_to_end(files: list[Path], workdir: Path, weights: Path | None, runs: int, quiet_period_s: float,
+                     repeats: int) -> tuple[list[dict], dict]:
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    splits, node_send_s = [], []
+    with peers.running_storescp(workdir / "storescp-e2e", aet="PACS") as pacs:
+        node = start_node(workdir / "node-e2e", weights, [pacs.destination("pacs")], quiet_period_s)
+        try:
+            for run in range(1, runs + 1):  # a re-sent series is a new run with the same derived UIDs
+                timed_storescu(files, node.port, node.ae_title)
+                row = wait_done(node, series_uid, run)
+                delivered = delivered_events(node)[-1]
+                last_stored = max(p.stat().st_mtime for p in pacs.received())
+                splits.append(split(row, delivered, last_stored, run))
+                node_send_s.append(float(delivered["seconds"]))
+        finally:
+            node.stop()
+        derived = pacs.received()
+    with peers.running_storescp(workdir / "storescp-send") as scp:
+        timed_storescu(derived, scp.port, scp.aet)  # warm-up
+        dcmtk_s = [timed_storescu(derived, scp.port, scp.aet) for _ in range(repeats)]
+    return splits, rates("send", len(derived), node_send_s, dcmtk_s, SEND_TARGET)
+
+
+def split(row: dict, delivered: dict, last_stored: float, run: int) -> dict:
+    """Seconds from the last instance received to the last derived instance stored, by stage."""
+    total = last_stored - row["last_received_at"]
+    quiet = row["queued_at"] - row["last_received_at"]
+    pickup = row["started_at"] - row["queued_at"]
+    denoise = row["denoise_seconds"]
+    send = float(delivered["seconds"])
+    return {"run": run, "slices": row["slices"], "total_s": round(total, 2), "quiet_period_s": round(quiet, 2),
+            "worker_pickup_s": round(pickup, 2), "denoise_s": round(denoise, 2), "send_s": round(send, 2),
+            "other_s": round(total - quiet - pickup - denoise - send, 2)}
+
+
+def print_report(result: dict) -> None:
+    print(f"machine: {result['machine']}")
+    print(f"data: {result['data']}  ({result['instances']} instances)   model: {result['model']}")
+    print()
+    print(f"{'':8s}{'node inst/s':>12s}{'DCMTK inst/s':>14s}{'ratio':>8s}{'target':>8s}   DCMTK side")
+    for row, dcmtk in ((result["receive"], "storescp"), (result["send"], "storescu")):
+        print(f"{row['what']:8s}{row['node_instances_per_s']:12.1f}{row['dcmtk_instances_per_s']:14.1f}"
+              f"{row['ratio']:8.2f}{row['target_ratio']:8.2f}   {dcmtk}")
+    print()
+    print(f"{'run':>3s}{'total s':>9s}{'quiet':>8s}{'pickup':>8s}{'denoise':>9s}{'send':>8s}{'other':>8s}")
+    for s in result["end_to_end"]:
+        print(f"{s['run']:3d}{s['total_s']:9.2f}{s['quiet_period_s']:8.2f}{s['worker_pickup_s']:8.2f}"
+              f"{s['denoise_s']:9.2f}{s['send_s']:8.2f}{s['other_s']:8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--series", type=Path, help="folder of one CT series (default: the shared series)")
+    parser.add_argument("--weights", default="shipped", help="shipped, tiny (random, network speed only) or a path")
+    parser.add_argument("--repeats", type=int, default=3, help="timed transfers per side; the median counts")
+    parser.add_argument("--e2e-runs", type=int, default=2, help="times the series goes through the whole node")
+    parser.add_argument("--quiet-period", type=float, default=2.0, help="queue.quiet_period_s of the node")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "network.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="ldct-bench-") as tmp:
+        workdir = Path(tmp)
+        files, data = source_files(args.series, workdir)
+        weights, model = weights_path(args.weights, workdir)
+        result = {"benchmark": "network", "machine": machine(), "data": data, "instances": len(files),
+                  "bytes": sum(p.stat().st_size for p in files), "model": model,
+                  "settings": {"max_pdu": peers.DCMTK_MAX_PDU, "tcp_nodelay": True, "quiet_period_s": args.quiet_period,
+                               "repeats": args.repeats}}
+        result["receive"] = bench_receive(files, workdir, weights, args.repeats)
+        result["end_to_end"], result["send"] = bench_end_to_end(files, workdir, weights, args.e2e_runs,
+                                                                args.quiet_period, args.repeats)
+    print_report(result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten {args.json}")
+
+
+if __name__ == "__main__":
+    main()

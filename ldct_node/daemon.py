@@ -1,0 +1,204 @@
+"""`ldct-node serve`: the whole node in one process.
+
+Start-up, in order: configuration (one-line error on a bad file) → logging → spool and queue
+(restart recovery: interrupted denoising is queued again, spooled files without a row are
+re-indexed, sending resumes) → model, loaded once (one-line WeightsError if missing) →
+receiver (C-STORE SCP) → worker thread (assembly + denoise) → sender thread → HTTP
+(/healthz, /metrics) → housekeeping thread (series assembly after the quiet period, retention) →
+``READY=1`` to systemd. Then the main loop feeds systemd's watchdog while the receiver and every
+thread are alive. SIGTERM/SIGINT: ``STOPPING=1``,
+the receiver closes its port, the worker and sender get ``queue.stop_timeout_s`` to finish
+what they are doing; anything cut short is redone after the next start.
+
+How to watch it from outside: ``ldct-node queue list --json --config FILE`` (states in
+``ldct_node.queue``), ``GET /healthz`` and ``GET /metrics`` (``ldct_node.observe``), and the JSON
+log lines on stderr (event names: "receiver listening", "series complete", "denoising series",
+"series denoised", "series delivered", "delivery attempt failed", "series finished",
+"instance ignored", "instance refused").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from .cli import CommandError
+from .config import Config, load_config
+from .denoise import DenoiseEngine
+from .logs import configure_logging, get_logger
+from .observe import Health, HttpServer, Metrics
+from .queue import Queue
+from .receive import Receiver
+from .send import Sender
+from .spool import Spool
+from .worker import EngineProcessor, SeriesProcessor, Worker, remove_delivered
+
+log = get_logger(__name__)
+
+
+def sd_notify(message: str) -> bool:
+    """Send a state line to systemd ($NOTIFY_SOCKET); False when not run under Type=notify."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+    return True
+
+
+def watchdog_interval_s() -> float | None:
+    """Half of systemd's WatchdogSec (as it recommends), or None when no watchdog is set for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
+
+
+class Node:
+    """Receiver, worker, sender and HTTP server over one spool and one queue."""
+
+    def __init__(self, cfg: Config, processor: SeriesProcessor | None = None):
+        self.cfg = cfg
+        storage = cfg.storage
+        try:
+            self.spool = Spool(storage.spool_dir, cfg.receive.min_free_bytes)
+            storage.outbox_dir.mkdir(parents=True, exist_ok=True)
+            self.queue = Queue(storage.database)
+        except (OSError, sqlite3.Error) as exc:
+            raise CommandError(
+                f"cannot use the data directory {storage.data_dir}: {exc}; fix its permissions or set storage.data_dir"
+            ) from None
+        self.metrics = Metrics(depth=self.queue.depth, spool_free=self.spool.free_bytes)
+        self.processor = processor or self._load_processor()
+        self.receiver = Receiver(cfg.receive, self.spool, self.queue, metrics=self.metrics)
+        self.worker = Worker(
+            self.queue, self.processor, storage.outbox_dir, [d.name for d in cfg.send.destinations],
+            cfg.queue.poll_interval_s, self.metrics, self._finished,
+        )
+        self.sender = Sender(self.queue, cfg.send, cfg.queue.poll_interval_s, self.metrics, self._finished)
+        self.housekeeper = threading.Thread(target=self._housekeeping_loop, name="ldct-housekeeping", daemon=True)
+        self._stopping = threading.Event()
+        self.http = None
+
+    def _load_processor(self) -> SeriesProcessor:
+        engine = DenoiseEngine.from_path(self.cfg.model.weights, self.cfg.inference)
+        log.info("model loaded", model=engine.card.model_id)
+        return EngineProcessor(engine, self.cfg.derive)
+
+    def _finished(self, series_uid: str, state: str) -> None:
+        self.metrics.series_finished(state)
+
+    def recover(self) -> None:
+        requeued = self.queue.recover()
+        reindexed = self.queue.reindex(self.spool.scan())
+        log.info("queue recovered", requeued_denoising=requeued, reindexed_instances=reindexed,
+                 depth=self.queue.depth())
+
+    def start(self) -> None:
+        self.recover()
+        try:
+            self.receiver.start()
+        except OSError as exc:
+            raise CommandError(
+                f"cannot listen for DICOM on {self.cfg.receive.host}:{self.cfg.receive.port}: {exc.strerror};"
+                " choose another receive.port or stop the other listener"
+            ) from None
+        self.worker.start()
+        self.sender.start()
+        self.housekeeper.start()
+        if self.cfg.http.enabled:
+            try:
+                self.http = HttpServer(self.cfg.http.host, self.cfg.http.port, self.health, self.metrics)
+            except OSError as exc:
+                self.receiver.stop()
+                raise CommandError(
+                    f"cannot listen for HTTP on {self.cfg.http.host}:{self.cfg.http.port}: {exc.strerror};"
+                    " choose another http.port or set http.enabled = false"
+                ) from None
+            self.http.start()
+
+    def health(self) -> Health:
+        return Health(
+            receiver_up=self.receiver.is_running,
+            worker_alive=self.worker.is_alive(),
+            sender_alive=self.sender.is_alive(),
+            spool_free_bytes=self.spool.free_bytes(),
+            spool_min_free_bytes=self.spool.min_free_bytes,
+            queue=self.queue.depth(),
+        )
+
+    def alive(self) -> bool:
+        """What the systemd watchdog vouches for: every part still running (a full disk is not a hang)."""
+        threads = (self.worker, self.sender, self.housekeeper)
+        return self.receiver.is_running and all(t.is_alive() for t in threads)
+
+    def housekeeping(self) -> None:
+        """Series assembly (quiet series become queued) and retention. Apart from the worker, so
+        that a long denoise neither delays assembly nor stretches the measured quiet period."""
+        for uid in self.queue.promote_quiet(self.cfg.queue.quiet_period_s):
+            log.info("series complete", series_uid=uid)
+        remove_delivered(self.queue, self.spool, self.cfg.storage.keep_days)
+
+    def _housekeeping_loop(self) -> None:
+        while not self._stopping.wait(self.cfg.queue.poll_interval_s):
+            try:
+                self.housekeeping()
+            except OSError as exc:
+                # Retention failing (a file held open, permissions) must not stop the node.
+                log.error("retention failed, will try again", error=str(exc))
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        if self.http:
+            self.http.stop()
+        self._stopping.set()
+        self.worker.stopping.set()
+        self.sender.stopping.set()
+        deadline = time.monotonic() + self.cfg.queue.stop_timeout_s
+        for thread in (self.housekeeper, self.worker, self.sender):
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in (self.housekeeper, self.worker, self.sender)):
+            # The database stays open for the thread still working; the process exits under it and
+            # the next start redoes that series.
+            log.warning("stopped with a series unfinished; it resumes at the next start")
+        else:
+            self.queue.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="TOML configuration (default: the embedded default: loopback, per-user data directory)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    configure_logging(cfg.log.level, cfg.log.format)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    node = Node(cfg)
+    node.start()
+    log.info("node ready", ae_title=cfg.receive.ae_title, port=node.receiver.port, data_dir=str(cfg.storage.data_dir),
+             destinations=[d.name for d in cfg.send.destinations])
+    sd_notify("READY=1\nSTATUS=receiving")
+    watchdog = watchdog_interval_s()
+    try:
+        while not stop.wait(watchdog or cfg.queue.poll_interval_s):
+            if watchdog and node.alive():
+                sd_notify("WATCHDOG=1")
+    finally:
+        sd_notify("STOPPING=1")
+        log.info("node stopping")
+        node.stop()
+    return 0

@@ -1,0 +1,498 @@
+"""The persistent job queue: one SQLite database (WAL) with a row per series.
+
+Series states (column ``series.state``)::
+
+    received ──(quiet period over)──> queued ──(worker claims)──> denoising
+        ^                                ^                            │ derived series in outbox
+        │ instance arrives after         │ retry, outputs gone        v
+        │ done/failed: a new run         │                         sending ──(every destination stored)──> done
+        │                                │                            │
+        └──────────── done / failed <────┴── retry, outputs kept ─────┘──(a destination gave up)──> failed
+
+- ``received``: instances are arriving; the series waits until none came for ``queue.quiet_period_s``.
+- ``queued``: complete, waiting for the worker.
+- ``denoising``: the worker is writing the derived series to ``outbox/<derived series UID>/``.
+- ``sending``: one row per destination in ``deliveries`` (``pending`` → ``done`` | ``failed``),
+  retried with exponential back-off.
+- ``done``: every destination stored every instance, or no destination is configured
+  (``reason`` = "kept in outbox"). ``failed``: ``reason`` says why in one line.
+
+Restart recovery (``recover``): ``denoising`` goes back to ``queued`` (the derived UIDs are
+deterministic, so the re-run writes the same files); ``sending`` simply resumes; spooled files whose
+row was lost are re-indexed. An instance arriving for a ``done``/``failed`` series opens a new run
+(``run`` + 1) of the same series, whose output carries the same UIDs, so PACS sees a replacement.
+An instance arriving during ``denoising``/``sending`` is picked up by a new run once that one ends.
+
+Observe it from outside with ``ldct-node queue list --json`` (see ``SeriesRow``).
+All writes happen in one transaction each, behind one lock, so the C-STORE threads, the worker
+and the sender can share a Queue.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .spool import SpooledInstance
+
+RECEIVED, QUEUED, DENOISING, SENDING, DONE, FAILED = "received", "queued", "denoising", "sending", "done", "failed"
+STATES = (RECEIVED, QUEUED, DENOISING, SENDING, DONE, FAILED)
+FINISHED = (DONE, FAILED)
+# The worker or sender is working on these; taking files away under them would corrupt a run.
+ACTIVE = (DENOISING, SENDING)
+
+PENDING = "pending"  # delivery states: pending -> done | failed
+
+KEPT_IN_OUTBOX = "kept in outbox (no destination configured)"
+
+# `ldct-node queue` writes to the same file as the running node; a writer waits this long for the other.
+_BUSY_TIMEOUT_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_uid          TEXT PRIMARY KEY,
+    state               TEXT NOT NULL,
+    run                 INTEGER NOT NULL DEFAULT 1,
+    first_received_at   REAL NOT NULL,
+    last_received_at    REAL NOT NULL,
+    queued_at           REAL,
+    started_at          REAL,
+    denoised_at         REAL,
+    finished_at         REAL,
+    derived_series_uid  TEXT,
+    outbox              TEXT,
+    slices              INTEGER,
+    skipped             INTEGER,
+    denoise_seconds     REAL,
+    reason              TEXT,
+    cleaned_at          REAL,
+    updated_at          REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid     TEXT PRIMARY KEY,
+    series_uid  TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
+CREATE TABLE IF NOT EXISTS deliveries (
+    series_uid      TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    sent            INTEGER,
+    error           TEXT,
+    updated_at      REAL NOT NULL,
+    PRIMARY KEY (series_uid, destination)
+);
+"""
+
+
+class QueueError(ValueError):
+    """A request the queue cannot honour (unknown series, wrong state), as one line."""
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): doubling, capped."""
+    return min(initial_s * 2 ** (attempt - 1), max_s)
+
+
+@dataclass
+class Delivery:
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    sent: int | None
+    error: str | None
+
+
+@dataclass
+class SeriesRow:
+    """One series job as `ldct-node queue list --json` shows it. Times are Unix seconds; for one
+    run, queued_at − last_received_at is the quiet period, denoised_at − started_at the denoising
+    and finished_at − denoised_at the sending."""
+
+    series_uid: str
+    state: str
+    run: int
+    instances: int
+    first_received_at: float
+    last_received_at: float
+    queued_at: float | None
+    started_at: float | None
+    denoised_at: float | None
+    finished_at: float | None
+    derived_series_uid: str | None
+    outbox: str | None
+    slices: int | None
+    skipped: int | None
+    denoise_seconds: float | None
+    reason: str | None
+    cleaned_at: float | None
+    updated_at: float
+    deliveries: list[Delivery] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A series the worker claimed: its run number and the spooled files that exist."""
+
+    series_uid: str
+    run: int
+    sources: list[Path]
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    series_uid: str
+    destination: str
+    attempts: int
+    derived_series_uid: str
+    outbox: Path
+    slices: int
+
+
+class Queue:
+    def __init__(self, database: Path):
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared under a lock: SQLite serialises writers anyway, and a single
+        # connection keeps every transaction's view consistent for the threads of one process.
+        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None,
+                                   timeout=_BUSY_TIMEOUT_S)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process; after a power cut the last commits may be
+        # missing, which `reindex` repairs from the spool (the spooled file is fsynced first).
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- receive ---------------------------------------------------------------------------
+
+    def add_instance(self, series_uid: str, sop_uid: str, path: Path, now: float | None = None) -> None:
+        """Record a spooled instance; a re-sent instance replaces its row (idempotent)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO instances (sop_uid, series_uid, path, received_at) VALUES (?, ?, ?, ?)",
+                (sop_uid, series_uid, str(path), now),
+            )
+            row = db.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO series (series_uid, state, first_received_at, last_received_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (series_uid, RECEIVED, now, now, now),
+                )
+            elif row["state"] in FINISHED:
+                self._reopen(db, series_uid, now)
+            else:
+                # queued goes back to received: the series was not complete after all.
+                state = RECEIVED if row["state"] == QUEUED else row["state"]
+                db.execute(
+                    "UPDATE series SET state = ?, last_received_at = max(last_received_at, ?), updated_at = ?"
+                    " WHERE series_uid = ?",
+                    (state, now, now, series_uid),
+                )
+
+    @staticmethod
+    def _reopen(db: sqlite3.Connection, series_uid: str, now: float) -> None:
+        db.execute(
+            "UPDATE series SET state = ?, run = run + 1, last_received_at = max(last_received_at, ?), queued_at = NULL,"
+            " started_at = NULL, denoised_at = NULL, finished_at = NULL, reason = NULL, cleaned_at = NULL, updated_at = ?"
+            " WHERE series_uid = ?",
+            (RECEIVED, now, now, series_uid),
+        )
+        db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
+
+    def reindex(self, spooled: Iterable[SpooledInstance]) -> int:
+        """Add spooled files that have no row (their commit was lost in a crash), dated by their
+        modification time so that the quiet period still counts from their arrival. Returns how many."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT sop_uid FROM instances")}
+        missing = [inst for inst in spooled if inst.sop_uid not in known]
+        for inst in missing:
+            self.add_instance(inst.series_uid, inst.sop_uid, inst.path, now=inst.path.stat().st_mtime)
+        return len(missing)
+
+    # --- assembly ----------------------------------------------------------------------------
+
+    def promote_quiet(self, quiet_period_s: float, now: float | None = None) -> list[str]:
+        """received → queued for every series with no new instance for quiet_period_s."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            uids = [r[0] for r in db.execute(
+                "SELECT series_uid FROM series WHERE state = ? AND last_received_at <= ? ORDER BY last_received_at",
+                (RECEIVED, now - quiet_period_s),
+            )]
+            db.executemany(
+                "UPDATE series SET state = ?, queued_at = ?, updated_at = ? WHERE series_uid = ?",
+                [(QUEUED, now, now, uid) for uid in uids],
+            )
+        return uids
+
+    # --- worker ------------------------------------------------------------------------------
+
+    def claim_next(self, now: float | None = None) -> Job | None:
+        """The oldest queued series, now denoising; None when nothing is queued."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT series_uid, run FROM series WHERE state = ? ORDER BY queued_at, series_uid LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE series SET state = ?, started_at = ?, updated_at = ? WHERE series_uid = ?",
+                (DENOISING, now, now, row["series_uid"]),
+            )
+            paths = [Path(r[0]) for r in db.execute(
+                "SELECT path FROM instances WHERE series_uid = ? ORDER BY path", (row["series_uid"],)
+            )]
+        return Job(row["series_uid"], row["run"], [p for p in paths if p.is_file()])
+
+    def denoised(
+        self,
+        series_uid: str,
+        derived_series_uid: str,
+        outbox: Path,
+        slices: int,
+        skipped: int,
+        seconds: float,
+        destinations: list[str],
+        now: float | None = None,
+    ) -> str:
+        """The worker wrote the derived series: sending (one pending delivery per destination), or done
+        when there is no destination. Returns the new state."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET derived_series_uid = ?, outbox = ?, slices = ?, skipped = ?, denoise_seconds = ?,"
+                " denoised_at = ?, updated_at = ? WHERE series_uid = ?",
+                (derived_series_uid, str(outbox), slices, skipped, seconds, now, now, series_uid),
+            )
+            db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
+            if not destinations:
+                return self._finish(db, series_uid, DONE, KEPT_IN_OUTBOX, now)
+            db.executemany(
+                "INSERT INTO deliveries (series_uid, destination, state, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(series_uid, name, PENDING, now, now) for name in destinations],
+            )
+            db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (SENDING, series_uid))
+            return SENDING
+
+    def finish(self, series_uid: str, state: str, reason: str, now: float | None = None) -> str:
+        """End the current run as done or failed (worker failures, nothing to denoise)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return self._finish(db, series_uid, state, reason, now)
+
+    @staticmethod
+    def _finish(db: sqlite3.Connection, series_uid: str, state: str, reason: str | None, now: float) -> str:
+        row = db.execute(
+            "SELECT started_at, last_received_at FROM series WHERE series_uid = ?", (series_uid,)
+        ).fetchone()
+        db.execute(
+            "UPDATE series SET state = ?, reason = ?, finished_at = ?, updated_at = ? WHERE series_uid = ?",
+            (state, reason, now, now, series_uid),
+        )
+        if row["started_at"] is not None and row["last_received_at"] > row["started_at"]:
+            # Instances came in while this run worked: they get a run of their own.
+            Queue._reopen(db, series_uid, row["last_received_at"])
+            return RECEIVED
+        return state
+
+    # --- sender ------------------------------------------------------------------------------
+
+    def due_deliveries(self, now: float | None = None) -> list[DueDelivery]:
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT d.series_uid, d.destination, d.attempts, s.derived_series_uid, s.outbox, s.slices"
+                " FROM deliveries d JOIN series s USING (series_uid)"
+                " WHERE s.state = ? AND d.state = ? AND d.next_attempt_at <= ?"
+                " ORDER BY d.next_attempt_at, d.series_uid, d.destination",
+                (SENDING, PENDING, now),
+            ).fetchall()
+        return [DueDelivery(r[0], r[1], r[2], r[3], Path(r[4]), r[5]) for r in rows]
+
+    def delivered(self, series_uid: str, destination: str, sent: int, now: float | None = None) -> str:
+        """One destination stored the series. Returns the series state afterwards."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, sent = ?, error = NULL, updated_at = ?"
+                " WHERE series_uid = ? AND destination = ?",
+                (DONE, sent, now, series_uid, destination),
+            )
+            return self._settle(db, series_uid, now)
+
+    def delivery_failed(
+        self, series_uid: str, destination: str, error: str, attempts: int, backoff_initial_s: float,
+        backoff_max_s: float, now: float | None = None,
+    ) -> str:
+        """One attempt failed: back off and stay pending, or give up after `attempts` tries.
+        Returns the series state afterwards."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT attempts FROM deliveries WHERE series_uid = ? AND destination = ?", (series_uid, destination)
+            ).fetchone()
+            tried = row["attempts"] + 1
+            state = FAILED if tried >= attempts else PENDING
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, error = ?, updated_at = ?"
+                " WHERE series_uid = ? AND destination = ?",
+                (state, tried, now + backoff_delay(tried, backoff_initial_s, backoff_max_s), error, now,
+                 series_uid, destination),
+            )
+            return self._settle(db, series_uid, now)
+
+    def _settle(self, db: sqlite3.Connection, series_uid: str, now: float) -> str:
+        rows = db.execute(
+            "SELECT destination, state, attempts, error FROM deliveries WHERE series_uid = ?", (series_uid,)
+        ).fetchall()
+        if any(r["state"] == PENDING for r in rows):
+            return SENDING
+        failures = [f"{r['destination']}: {r['error']} (after {r['attempts']} attempts)" for r in rows if r["state"] == FAILED]
+        if failures:
+            return self._finish(db, series_uid, FAILED, "; ".join(failures), now)
+        return self._finish(db, series_uid, DONE, None, now)
+
+    # --- restart, admin, retention --------------------------------------------------------------
+
+    def recover(self, now: float | None = None) -> int:
+        """After a crash or restart: interrupted denoising runs are queued again. Returns how many."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE series SET state = ?, queued_at = coalesce(queued_at, ?), started_at = NULL, updated_at = ?"
+                " WHERE state = ?",
+                (QUEUED, now, now, DENOISING),
+            ).rowcount
+
+    def retry(self, series_uid: str, now: float | None = None) -> str:
+        """Give a failed series another go: sending again when its derived series is still in the
+        outbox, otherwise denoising again. Returns the new state."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT state, outbox, slices FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            if row is None:
+                raise QueueError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
+            if row["state"] != FAILED:
+                raise QueueError(f"series {series_uid} is {row['state']}, only failed series can be retried")
+            failed = db.execute(
+                "SELECT count(*) FROM deliveries WHERE series_uid = ? AND state = ?", (series_uid, FAILED)
+            ).fetchone()[0]
+            if failed and outputs_complete(row["outbox"], row["slices"]):
+                db.execute(
+                    "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
+                    " WHERE series_uid = ? AND state = ?",
+                    (PENDING, now, now, series_uid, FAILED),
+                )
+                state = SENDING
+            else:
+                db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
+                state = QUEUED
+            # A resumed send counts as started now, so instances arriving during it get a run of their own.
+            started = now if state == SENDING else None
+            db.execute(
+                "UPDATE series SET state = ?, queued_at = ?, started_at = ?, finished_at = NULL, reason = NULL,"
+                " updated_at = ? WHERE series_uid = ?",
+                (state, now, started, now, series_uid),
+            )
+        return state
+
+    def remove(self, series_uid: str) -> SeriesRow:
+        """Forget a series that nobody is working on; the caller removes its files."""
+        with self._tx() as db:
+            row = self._row(db, series_uid)
+            if row is None:
+                raise QueueError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
+            if row.state in ACTIVE:
+                raise QueueError(f"series {series_uid} is {row.state}; wait until it is done or failed, or stop the node")
+            for table in ("deliveries", "instances", "series"):
+                db.execute(f"DELETE FROM {table} WHERE series_uid = ?", (series_uid,))
+        return row
+
+    def finished_before(self, cutoff: float) -> list[SeriesRow]:
+        """Finished series whose files are still on disk and that ended before `cutoff` (retention)."""
+        with self._lock:
+            uids = [r[0] for r in self._db.execute(
+                "SELECT series_uid FROM series WHERE state = ? AND cleaned_at IS NULL AND finished_at <= ?",
+                (DONE, cutoff),
+            )]
+            return [self._row(self._db, uid) for uid in uids]
+
+    def cleaned(self, series_uid: str, now: float | None = None) -> None:
+        """The series' spooled input is gone: forget its instance rows so a restart does not re-index them."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            db.execute("UPDATE series SET cleaned_at = ?, updated_at = ? WHERE series_uid = ?", (now, now, series_uid))
+
+    def series(self, series_uid: str) -> SeriesRow | None:
+        with self._lock:
+            return self._row(self._db, series_uid)
+
+    def jobs(self, states: tuple[str, ...] = STATES) -> list[SeriesRow]:
+        with self._lock:
+            uids = [r[0] for r in self._db.execute(
+                f"SELECT series_uid FROM series WHERE state IN ({','.join('?' * len(states))})"
+                " ORDER BY first_received_at, series_uid",
+                states,
+            )]
+            return [self._row(self._db, uid) for uid in uids]
+
+    def depth(self) -> dict[str, int]:
+        """Number of series per state (every state present, zero included)."""
+        with self._lock:
+            counts = dict(self._db.execute("SELECT state, count(*) FROM series GROUP BY state").fetchall())
+        return {state: counts.get(state, 0) for state in STATES}
+
+    @staticmethod
+    def _row(db: sqlite3.Connection, series_uid: str) -> SeriesRow | None:
+        row = db.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        if row is None:
+            return None
+        count = db.execute("SELECT count(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0]
+        deliveries = [
+            Delivery(r["destination"], r["state"], r["attempts"], r["next_attempt_at"], r["sent"], r["error"])
+            for r in db.execute(
+                "SELECT * FROM deliveries WHERE series_uid = ? ORDER BY destination", (series_uid,)
+            )
+        ]
+        return SeriesRow(instances=count, deliveries=deliveries, **dict(row))
+
+
+def outputs_complete(outbox: str | None, slices: int | None) -> bool:
+    """The derived series of a run is still whole in the outbox (so a retry need not denoise again)."""
+    if not outbox or not slices:
+        return False
+    return sum(1 for _ in Path(outbox).glob("*.dcm")) == slices

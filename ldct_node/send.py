@@ -1,0 +1,188 @@
+"""The sender: C-STORE a derived series to one destination over one association.
+
+``send_series`` is one delivery attempt; the ``Sender`` thread runs the attempts the queue says
+are due and records each outcome (``Queue.delivered`` / ``Queue.delivery_failed``), which applies
+the exponential back-off (``send.backoff_initial_s`` doubling up to ``send.backoff_max_s``) and
+fails the delivery after ``send.attempts`` tries with the last reason. Every C-STORE response
+status is checked: success and warnings (0xB000, 0xB006, 0xB007: stored with remarks) count as
+stored; anything else fails the attempt, and the whole series is sent again on the next one
+(the derived UIDs are fixed, so the destination sees replacements, never copies).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pydicom
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from .config import Destination, SendSettings
+from .logs import get_logger
+from .observe import Metrics
+from .queue import DONE, FAILED, DueDelivery, Queue
+
+log = get_logger(__name__)
+
+# Send the outbox files' bytes as they are instead of decoding and re-encoding every one: we propose
+# exactly the transfer syntaxes the files are written in, so the accepted context always matches.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+
+
+class SendError(Exception):
+    """One delivery attempt failed; the message is the one-line reason recorded in the queue."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    sent: int
+    warnings: int
+    seconds: float
+
+
+def status_stored(status: int) -> bool:
+    """A C-STORE response status that means the destination has the instance."""
+    return status == 0x0000 or status in WARNING_STATUSES
+
+
+def make_ae(settings: SendSettings, transfer_syntaxes: list[str]) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.add_requested_context(CTImageStorage, transfer_syntaxes)
+    return ae
+
+
+def _nodelay(event) -> None:
+    # Nagle's algorithm delays each small C-STORE request header by up to ~40 ms.
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def transfer_syntaxes_of(files: list[Path]) -> list[str]:
+    found = []
+    for path in files:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if str(meta.TransferSyntaxUID) not in found:
+            found.append(str(meta.TransferSyntaxUID))
+    return found
+
+
+def send_series(files: list[Path], destination: Destination, settings: SendSettings) -> SendResult:
+    """C-STORE every file over one association; raise SendError with the first problem."""
+    if not files:
+        raise SendError("no derived instances to send")
+    started = time.monotonic()
+    # Files of one series share a transfer syntax; reading every meta guards against a mixed outbox.
+    ae = make_ae(settings, transfer_syntaxes_of(files))
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    if not assoc.is_established:
+        what = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
+        raise SendError(f"{destination.ae_title}@{destination.host}:{destination.port} {what}")
+    sent = warnings = 0
+    try:
+        for path in files:
+            rsp = assoc.send_c_store(path)
+            status = rsp.get("Status") if rsp else None
+            if status is None:
+                raise SendError(f"no C-STORE response for {path.stem} (association lost or timed out)")
+            if not status_stored(int(status)):
+                comment = rsp.get("ErrorComment", "")
+                raise SendError(f"C-STORE of {path.stem} answered 0x{int(status):04X} {comment}".strip())
+            warnings += int(status) != 0
+            sent += 1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return SendResult(sent, warnings, time.monotonic() - started)
+
+
+def echo(destination: Destination, settings: SendSettings) -> int | None:
+    """C-ECHO a destination: its status, or None when no association could be made."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return None
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if rsp and "Status" in rsp else None
+    finally:
+        assoc.release()
+
+
+class Sender(threading.Thread):
+    """Runs due deliveries one at a time, until stopped."""
+
+    def __init__(self, queue: Queue, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None,
+                 on_finished: Callable[[str, str], None] | None = None):
+        super().__init__(name="ldct-sender", daemon=True)
+        self.queue = queue
+        self.settings = settings
+        self.poll_interval_s = poll_interval_s
+        self.metrics = metrics
+        # Called with (series_uid, state) when a series leaves `sending` (retention, metrics).
+        self.on_finished = on_finished
+        self.stopping = threading.Event()
+        self._destinations = {d.name: d for d in settings.destinations}
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            due = self.queue.due_deliveries()
+            for delivery in due:
+                if self.stopping.is_set():
+                    return
+                self.deliver(delivery)
+            if not due:
+                self.stopping.wait(self.poll_interval_s)
+
+    def deliver(self, delivery: DueDelivery) -> str:
+        """One attempt for one (series, destination); returns the series state afterwards."""
+        destination = self._destinations.get(delivery.destination)
+        files = sorted(delivery.outbox.glob("*.dcm"))
+        bound = log.bind(series_uid=delivery.series_uid, derived_series_uid=delivery.derived_series_uid,
+                         destination=delivery.destination, attempt=delivery.attempts + 1)
+        try:
+            if destination is None:
+                raise SendError(f"destination {delivery.destination!r} is no longer in send.destinations")
+            if len(files) != delivery.slices:
+                # Never deliver part of a series as if it were whole; a retry after the final
+                # failure denoises it again.
+                raise SendError(f"outbox {delivery.outbox} holds {len(files)} of {delivery.slices} derived instances")
+            result = send_series(files, destination, self.settings)
+        except SendError as exc:
+            return self._failed(delivery, str(exc), bound)
+        except Exception as exc:  # noqa: BLE001 - a network stack error must fail the attempt, not the thread
+            return self._failed(delivery, f"{type(exc).__name__}: {exc}", bound)
+        bound.info("series delivered", instances=result.sent, warnings=result.warnings,
+                   seconds=round(result.seconds, 3))
+        state = self.queue.delivered(delivery.series_uid, delivery.destination, result.sent)
+        return self._settled(delivery.series_uid, state)
+
+    def _failed(self, delivery: DueDelivery, reason: str, bound) -> str:
+        state = self.queue.delivery_failed(
+            delivery.series_uid, delivery.destination, reason, self.settings.attempts,
+            self.settings.backoff_initial_s, self.settings.backoff_max_s,
+        )
+        final = delivery.attempts + 1 >= self.settings.attempts
+        (bound.error if final else bound.warning)("delivery attempt failed", reason=reason, gave_up=final)
+        if self.metrics and not final:
+            self.metrics.send_retries.inc()
+        return self._settled(delivery.series_uid, state)
+
+    def _settled(self, series_uid: str, state: str) -> str:
+        if state in (DONE, FAILED) and self.on_finished:
+            self.on_finished(series_uid, state)
+        return state

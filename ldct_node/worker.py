@@ -1,0 +1,159 @@
+"""The worker: turns each queued series into its derived series.
+
+One thread, because the model is loaded once and one series at a time keeps the GPU (or the CPU
+cores) busy. Each turn it claims the oldest queued series (``denoising``; the daemon's housekeeping
+thread moves quiet series from ``received`` to ``queued``), denoises the spooled files into
+``outbox/<derived SeriesInstanceUID>/`` and hands the series to the sender (``sending``), or marks
+it ``done`` with "kept in outbox" when no destination is configured. Any failure of one series
+(a corrupt spooled file, no axial CT image in it ...) marks only that series ``failed`` with a
+one-line reason; the worker carries on with the next.
+
+Retention (``remove_delivered``) also lives here because the worker owns the outbox it cleans.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+from .config import DeriveSettings
+from .denoise import DenoiseEngine
+from .logs import get_logger
+from .observe import Metrics
+from .process import SeriesResult, denoise_series, output_series_uid
+from .queue import DONE, FAILED, KEPT_IN_OUTBOX, Job, Queue
+from .spool import Spool
+
+log = get_logger(__name__)
+
+SECONDS_PER_DAY = 86400.0
+
+
+class SeriesProcessor(Protocol):
+    """What the worker needs from the denoising side (``process`` in production, a fake in tests)."""
+
+    def output_series_uid(self, series_uid: str) -> str: ...
+
+    def run(self, sources: list[Path], out_dir: Path) -> SeriesResult: ...
+
+
+class EngineProcessor:
+    """process.denoise_series with the model the daemon loaded once."""
+
+    def __init__(self, engine: DenoiseEngine, settings: DeriveSettings):
+        self.engine = engine
+        self.settings = settings
+
+    def output_series_uid(self, series_uid: str) -> str:
+        return output_series_uid(series_uid, self.engine, self.settings)
+
+    def run(self, sources: list[Path], out_dir: Path) -> SeriesResult:
+        return denoise_series(sources, out_dir, self.engine, self.settings)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one-line reason stored with a failed series."""
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text}"
+
+
+def reset_dir(path: Path) -> None:
+    """An empty directory: files of an earlier run with other inputs must not be sent with this one."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+class Worker(threading.Thread):
+    def __init__(
+        self,
+        queue: Queue,
+        processor: SeriesProcessor,
+        outbox_root: Path,
+        destinations: list[str],
+        poll_interval_s: float,
+        metrics: Metrics | None = None,
+        on_finished: Callable[[str, str], None] | None = None,
+    ):
+        super().__init__(name="ldct-worker", daemon=True)
+        self.queue = queue
+        self.processor = processor
+        self.outbox_root = outbox_root
+        self.destinations = destinations
+        self.poll_interval_s = poll_interval_s
+        self.metrics = metrics
+        # Called with (series_uid, state) when a series ends here as done or failed.
+        self.on_finished = on_finished
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            if not self.step():
+                self.stopping.wait(self.poll_interval_s)
+
+    def step(self) -> bool:
+        """One turn: process one queued series. False when there was nothing to do."""
+        job = self.queue.claim_next()
+        if job is None:
+            return False
+        self.process(job)
+        return True
+
+    def process(self, job: Job) -> str:
+        bound = log.bind(series_uid=job.series_uid, run=job.run, instances=len(job.sources))
+        bound.info("denoising series")
+        try:
+            if not job.sources:
+                raise FileNotFoundError("no spooled instance of the series is left on disk")
+            out_dir = self.outbox_root / self.processor.output_series_uid(job.series_uid)
+            reset_dir(out_dir)
+            result = self.processor.run(job.sources, out_dir)
+        except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
+            return self._finish(job, FAILED, one_line(exc), bound)
+        for skipped in result.skipped:
+            bound.info("instance skipped", file=skipped.path.name, reason=skipped.reason)
+        if not result.files:
+            return self._finish(job, DONE, f"nothing to denoise ({len(result.skipped)} instances skipped)", bound)
+        if self.metrics:
+            self.metrics.series_seconds.observe(result.seconds)
+        state = self.queue.denoised(
+            job.series_uid, result.derived_series_uid, out_dir, len(result.files), len(result.skipped),
+            result.seconds, self.destinations,
+        )
+        bound.info("series denoised", derived_series_uid=result.derived_series_uid, slices=len(result.files),
+                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state)
+        if state == DONE:
+            self._finished(job.series_uid, DONE)
+        return state
+
+    def _finish(self, job: Job, state: str, reason: str, bound) -> str:
+        (bound.error if state == FAILED else bound.info)("series finished", state=state, reason=reason)
+        after = self.queue.finish(job.series_uid, state, reason)
+        self._finished(job.series_uid, after)
+        return after
+
+    def _finished(self, series_uid: str, state: str) -> None:
+        if state in (DONE, FAILED) and self.on_finished:
+            self.on_finished(series_uid, state)
+
+
+def remove_delivered(queue: Queue, spool: Spool, keep_days: float, now: float | None = None) -> list[str]:
+    """Retention: delete spooled input and derived output of series done more than keep_days ago.
+    A series kept in the outbox (no destination) keeps its output; failed series keep everything
+    so that `ldct-node queue retry` can still work. Returns the series cleaned."""
+    now = time.time() if now is None else now
+    cleaned = []
+    for row in queue.finished_before(now - keep_days * SECONDS_PER_DAY):
+        with spool.series_lock(row.series_uid):
+            current = queue.series(row.series_uid)
+            if current is None or current.state != DONE or current.cleaned_at is not None:
+                continue  # a new run started meanwhile; its files are needed
+            spool.remove_series(row.series_uid)
+            if row.outbox and row.reason != KEPT_IN_OUTBOX:
+                shutil.rmtree(row.outbox, ignore_errors=True)
+            queue.cleaned(row.series_uid)
+        cleaned.append(row.series_uid)
+        log.info("series files removed (retention)", series_uid=row.series_uid, keep_days=keep_days)
+    return cleaned

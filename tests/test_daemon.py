@@ -1,0 +1,338 @@
+"""The node wired together in one process: receive → assemble → denoise → send → retention, restart
+recovery, health/metrics, systemd notification, and the `queue` and `echo` commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from ldct_node import cli
+from ldct_node.config import (
+    Config, Destination, HttpSettings, InferenceSettings, ModelSettings, QueueSettings, ReceiveSettings, SendSettings,
+    StorageSettings,
+)
+from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
+from ldct_node.model import TSCNet, TSCNetConfig
+from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, Queue
+from ldct_node.weights import ModelCard, save_weights
+from ldct_node.worker import Worker, remove_delivered
+from tests import peers
+from tests.synthetic import ct_series
+from tests.test_send import Pacs
+
+WAIT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    settings = TSCNetConfig(width=4, num_dems=2)
+    card = ModelCard(name="test", version="0", architecture="tscnet", settings=settings.to_dict())
+    save_weights(TSCNet(settings), card, path)
+    return path
+
+
+def config(tmp_path: Path, weights: Path, destinations=(), **receive) -> Config:
+    return Config(
+        model=ModelSettings(weights=weights),
+        inference=InferenceSettings(device="cpu", threads=1),
+        receive=ReceiveSettings(port=0, min_free_bytes=receive.pop("min_free_bytes", 0), **receive),
+        send=SendSettings(destinations=tuple(destinations), attempts=2, backoff_initial_s=0.2, backoff_max_s=0.2,
+                          acse_timeout_s=5, dimse_timeout_s=10, network_timeout_s=10),
+        queue=QueueSettings(quiet_period_s=0.3, poll_interval_s=0.05, stop_timeout_s=10),
+        storage=StorageSettings(data_dir=tmp_path / "data"),
+        http=HttpSettings(port=0),
+    )
+
+
+@pytest.fixture
+def nodes():
+    started: list[Node] = []
+
+    def start(cfg: Config, processor=None) -> Node:
+        node = Node(cfg, processor)
+        node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def pacs():
+    peer = Pacs()
+    yield peer
+    peer.stop()
+
+
+def send(node: Node, datasets) -> list[int]:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title=node.cfg.receive.ae_title)
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    return statuses
+
+
+def wait_state(queue: Queue, series_uid: str, state: str):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        row = queue.series(series_uid)
+        if row and row.state == state:
+            return row
+        time.sleep(0.05)
+    pytest.fail(f"series {series_uid} did not reach {state}: {queue.series(series_uid)}")
+
+
+def http_get(node: Node, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.http.port}{path}", timeout=5) as rsp:
+            return rsp.status, rsp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_series_is_denoised_delivered_under_new_uids_and_its_files_removed(nodes, pacs, tiny_weights, tmp_path):
+    node = nodes(config(tmp_path, tiny_weights, [pacs.destination]))
+    series = ct_series(3, rows=16, columns=16)
+    uid = series[0].SeriesInstanceUID
+    assert send(node, series) == [0, 0, 0]
+    row = wait_state(node.queue, uid, DONE)
+    assert len(pacs.stored) == 3 and not {ds.SOPInstanceUID for ds in series} & set(pacs.stored)
+    assert pacs.associations == 1
+    assert row.derived_series_uid and row.derived_series_uid != uid
+    deadline = time.monotonic() + WAIT_S
+    while node.queue.series(uid).cleaned_at is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (node.cfg.storage.spool_dir / uid).exists()
+    assert not Path(row.outbox).exists()
+
+
+def test_without_destination_the_result_is_kept_in_the_outbox(nodes, tiny_weights, tmp_path):
+    node = nodes(config(tmp_path, tiny_weights))
+    series = ct_series(2, rows=16, columns=16)
+    send(node, series)
+    row = wait_state(node.queue, series[0].SeriesInstanceUID, DONE)
+    time.sleep(node.cfg.queue.poll_interval_s * 3)  # retention has had its turns
+    assert row.reason == KEPT_IN_OUTBOX
+    kept = sorted(Path(row.outbox).glob("*.dcm"))
+    assert len(kept) == 2
+    assert {pydicom.dcmread(p).SeriesInstanceUID for p in kept} == {row.derived_series_uid}
+
+
+def test_healthz_and_metrics_report_the_node(nodes, tiny_weights, tmp_path):
+    node = nodes(config(tmp_path, tiny_weights))
+    series = ct_series(2, rows=16, columns=16)
+    send(node, series)
+    wait_state(node.queue, series[0].SeriesInstanceUID, DONE)
+    status, body = http_get(node, "/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["ok"] and health["receiver_up"] and health["worker_alive"]
+    assert health["queue"]["done"] == 1
+    status, body = http_get(node, "/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    assert samples[("ldct_instances_received_total", ())] == 2
+    assert samples[("ldct_series_done_total", ())] == 1
+    assert samples[("ldct_queue_depth", (("state", "done"),))] == 1
+    assert samples[("ldct_series_denoise_seconds_count", ())] == 1
+    assert samples[("ldct_spool_free_bytes", ())] > 0
+
+
+def test_healthz_is_503_while_the_spool_is_below_its_minimum(nodes, tiny_weights, tmp_path):
+    node = nodes(config(tmp_path, tiny_weights, min_free_bytes=1 << 60))
+    status, body = http_get(node, "/healthz")
+    assert status == 503 and json.loads(body)["ok"] is False
+    assert node.alive()  # a full disk is not a hang: the watchdog keeps being fed
+
+
+def test_restart_requeues_a_series_cut_off_mid_denoise(nodes, pacs, tiny_weights, tmp_path):
+    cfg = config(tmp_path, tiny_weights, [pacs.destination])
+    first = Node(cfg)
+    first.receiver.start()
+    series = ct_series(2, rows=16, columns=16)
+    uid = series[0].SeriesInstanceUID
+    send(first, series)
+    first.queue.promote_quiet(0)
+    first.queue.claim_next()  # the crash happens here: state denoising, nobody working on it
+    first.receiver.stop()
+    first.queue.close()
+    node = nodes(cfg)
+    wait_state(node.queue, uid, DONE)
+    assert len(pacs.stored) == 2
+
+
+@dataclass
+class FakeProcessor:
+    """Fails the series named in `broken`, else writes one empty derived file per source."""
+
+    broken: set[str] = field(default_factory=set)
+
+    def output_series_uid(self, series_uid: str) -> str:
+        return f"{series_uid}.9"
+
+    def run(self, sources, out_dir):
+        series_uid = sources[0].parent.name
+        if series_uid in self.broken:
+            raise ValueError("cannot read\nslice 3: truncated")
+        files = [out_dir / f"{p.stem}.9.dcm" for p in sources]
+        for f in files:
+            f.write_bytes(b"")
+        return type("Result", (), {"derived_series_uid": f"{series_uid}.9", "files": files, "skipped": [],
+                                   "seconds": 0.1})
+
+
+def test_a_failing_series_fails_with_a_one_line_reason_and_the_worker_goes_on(tmp_path):
+    queue = Queue(tmp_path / "q.sqlite3")
+    for series in ("1.1", "2.2"):
+        path = tmp_path / "spool" / series / f"{series}.1.dcm"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        queue.add_instance(series, f"{series}.1", path, now=0)
+    queue.promote_quiet(0, now=1)
+    worker = Worker(queue, FakeProcessor(broken={"1.1"}), tmp_path / "outbox", [], 0.05)
+    assert worker.step() and worker.step()
+    assert queue.series("1.1").state == FAILED
+    assert queue.series("1.1").reason == "ValueError: cannot read slice 3: truncated"
+    assert queue.series("2.2").state == DONE
+    assert not worker.step()
+    queue.close()
+
+
+def test_retention_keeps_files_for_keep_days_then_removes_them(tmp_path):
+    from ldct_node.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    queue = Queue(tmp_path / "q.sqlite3")
+    spooled = spool.write_instance("1.1", "1.1.1", b"x")
+    queue.add_instance("1.1", "1.1.1", spooled.path, now=0)
+    queue.promote_quiet(0, now=1)
+    queue.claim_next(now=1)
+    out = tmp_path / "outbox" / "1.1.9"
+    out.mkdir(parents=True)
+    (out / "a.dcm").write_bytes(b"")
+    queue.denoised("1.1", "1.1.9", out, 1, 0, 0.1, ["pacs"], now=1)
+    queue.delivered("1.1", "pacs", 1, now=100)
+    assert remove_delivered(queue, spool, keep_days=1, now=100 + 86399) == []
+    assert remove_delivered(queue, spool, keep_days=1, now=100 + 86400) == ["1.1"]
+    assert not spooled.path.exists() and not out.exists()
+    queue.close()
+
+
+def test_sd_notify_reaches_the_notify_socket(tmp_path, monkeypatch):
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert sd_notify("READY=1")
+        assert listener.recv(100) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sd_notify("READY=1")
+
+
+def test_watchdog_pings_at_half_the_interval_and_only_for_our_pid(monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", "20000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval_s() == 10.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert watchdog_interval_s() is None
+
+
+def write_config(tmp_path: Path, destinations=()) -> Path:
+    tables = peers.node_tables(tmp_path / "data", peers.free_port(), peers.free_port(), tmp_path / "none.safetensors",
+                               destinations=[{"name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port}
+                                             for d in destinations])
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "node.toml"
+    path.write_text(peers.toml_text(tables))
+    return path
+
+
+def test_queue_command_lists_retries_and_purges(tmp_path, capsys):
+    config_path = write_config(tmp_path)
+    data = tmp_path / "data"
+    queue = Queue(data / "queue.sqlite3")
+    spool_file = data / "spool" / "1.1" / "1.1.1.dcm"
+    spool_file.parent.mkdir(parents=True)
+    spool_file.write_bytes(b"x")
+    queue.add_instance("1.1", "1.1.1", spool_file)
+    queue.promote_quiet(0)
+    queue.claim_next()
+    queue.finish("1.1", FAILED, "ValueError: broken")
+    queue.close()
+
+    assert cli.main(["queue", "list", "--json", "--config", str(config_path)]) == 0
+    (job,) = json.loads(capsys.readouterr().out)
+    assert (job["series_uid"], job["state"], job["reason"]) == ("1.1", FAILED, "ValueError: broken")
+    assert cli.main(["queue", "retry", "--all-failed", "--config", str(config_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"1.1: {QUEUED}"
+    assert cli.main(["queue", "retry", "1.1", "--config", str(config_path)]) == 2
+    assert "only failed series" in capsys.readouterr().err
+    assert cli.main(["queue", "purge", "--state", QUEUED, "--config", str(config_path)]) == 0
+    assert not spool_file.exists()
+    assert cli.main(["queue", "list", "--config", str(config_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("no jobs")
+
+
+def test_echo_command_checks_each_destination(tmp_path, pacs, capsys):
+    down = Destination("down", "DOWN", "127.0.0.1", peers.free_port())
+    config_path = write_config(tmp_path, [pacs.destination, down])
+    assert cli.main(["echo", "pacs", "--config", str(config_path)]) == 0
+    assert cli.main(["echo", "--config", str(config_path)]) == 1
+    out = capsys.readouterr().out
+    assert "pacs (PACS@127.0.0.1" in out and "down (DOWN@127.0.0.1" in out and "FAILED, no association" in out
+    assert cli.main(["echo", "nowhere", "--config", str(config_path)]) == 2
+    assert cli.main(["echo", "--config", str(write_config(tmp_path / "empty"))]) == 2
+
+
+def test_serve_tells_systemd_ready_and_stops_cleanly_on_sigterm(tmp_path, tiny_weights):
+    tables = peers.node_tables(tmp_path / "data", peers.free_port(), peers.free_port(), tiny_weights)
+    node = peers.make_node(tmp_path, tables)
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(notify))
+        listener.settimeout(peers.START_TIMEOUT_S)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+        proc = subprocess.Popen(peers.cli_command("serve", "--config", str(node.config_path)), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert listener.recv(100).startswith(b"READY=1")
+            assert peers.http_ok(node.url("healthz"))
+            proc.send_signal(signal.SIGTERM)
+            assert listener.recv(100) == b"STOPPING=1"
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert '"event": "node stopping"' in err
+
+
+def test_a_taken_port_is_a_one_line_error_naming_the_setting(tmp_path, tiny_weights):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = config(tmp_path, tiny_weights)
+        cfg = dataclasses.replace(cfg, receive=dataclasses.replace(cfg.receive, port=taken.getsockname()[1]))
+        node = Node(cfg)
+        with pytest.raises(cli.CommandError, match="receive.port"):
+            node.start()
+        node.stop()

@@ -1,0 +1,207 @@
+"""The SQLite job queue: every state transition of a series, restart recovery, retry and retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ldct_node.queue import (
+    DENOISING, DONE, FAILED, KEPT_IN_OUTBOX, PENDING, QUEUED, RECEIVED, SENDING, Queue, QueueError, backoff_delay,
+    outputs_complete,
+)
+from ldct_node.spool import Spool
+
+S = "1.2.3"
+T0 = 1_000_000.0
+
+
+@pytest.fixture
+def queue(tmp_path):
+    q = Queue(tmp_path / "queue.sqlite3")
+    yield q
+    q.close()
+
+
+def add(queue: Queue, tmp_path: Path, sop: str, now: float = T0, series: str = S) -> Path:
+    path = tmp_path / series / f"{sop}.dcm"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"x")
+    queue.add_instance(series, sop, path, now=now)
+    return path
+
+
+def outbox_with(tmp_path: Path, files: int) -> Path:
+    out = tmp_path / "outbox" / "9.9"
+    out.mkdir(parents=True)
+    for i in range(files):
+        (out / f"9.9.{i}.dcm").write_bytes(b"y")
+    return out
+
+
+def to_sending(queue, tmp_path, destinations=("pacs",), files=2) -> Path:
+    add(queue, tmp_path, "1.1")
+    queue.promote_quiet(10, now=T0 + 10)
+    queue.claim_next(now=T0 + 11)
+    out = outbox_with(tmp_path, files)
+    queue.denoised(S, "9.9", out, files, 0, 1.5, list(destinations), now=T0 + 12)
+    return out
+
+
+def test_backoff_doubles_from_initial_and_is_capped():
+    assert [backoff_delay(n, 5, 60) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+
+
+def test_first_instance_creates_a_received_series_and_resends_are_idempotent(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    add(queue, tmp_path, "1.1", now=T0 + 1)
+    row = queue.series(S)
+    assert (row.state, row.instances, row.run, row.last_received_at) == (RECEIVED, 1, 1, T0 + 1)
+
+
+def test_series_is_queued_only_after_the_quiet_period(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    assert queue.promote_quiet(10, now=T0 + 9.9) == []
+    assert queue.promote_quiet(10, now=T0 + 10) == [S]
+    assert queue.series(S).state == QUEUED
+
+
+def test_instance_for_a_queued_series_sends_it_back_to_waiting(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    queue.promote_quiet(10, now=T0 + 10)
+    add(queue, tmp_path, "1.2", now=T0 + 11)
+    assert queue.series(S).state == RECEIVED
+
+
+def test_claim_hands_out_the_oldest_queued_series_with_its_existing_files(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    gone = add(queue, tmp_path, "1.2")
+    gone.unlink()
+    add(queue, tmp_path, "2.1", now=T0 + 5, series="2.2")
+    queue.promote_quiet(10, now=T0 + 20)
+    job = queue.claim_next(now=T0 + 21)
+    assert (job.series_uid, [p.name for p in job.sources]) == (S, ["1.1.dcm"])
+    assert queue.series(S).state == DENOISING
+    assert queue.claim_next(now=T0 + 22).series_uid == "2.2"
+    assert queue.claim_next(now=T0 + 23) is None
+
+
+def test_restart_recovery_requeues_interrupted_denoising_and_leaves_sending_alone(queue, tmp_path):
+    to_sending(queue, tmp_path)
+    add(queue, tmp_path, "3.1", series="3.3")
+    queue.promote_quiet(10, now=T0 + 10)
+    queue.claim_next()
+    assert queue.recover() == 1
+    assert (queue.series("3.3").state, queue.series(S).state) == (QUEUED, SENDING)
+
+
+def test_state_survives_closing_and_reopening_the_database(tmp_path):
+    first = Queue(tmp_path / "q.sqlite3")
+    add(first, tmp_path, "1.1")
+    first.close()
+    again = Queue(tmp_path / "q.sqlite3")
+    assert again.series(S).state == RECEIVED
+    again.close()
+
+
+def test_denoised_without_destination_is_done_and_kept_in_outbox(queue, tmp_path):
+    to_sending(queue, tmp_path, destinations=())
+    row = queue.series(S)
+    assert (row.state, row.reason, row.derived_series_uid, row.slices) == (DONE, KEPT_IN_OUTBOX, "9.9", 2)
+
+
+def test_delivered_to_every_destination_is_done(queue, tmp_path):
+    to_sending(queue, tmp_path, destinations=("a", "b"))
+    assert [d.destination for d in queue.due_deliveries(now=T0 + 12)] == ["a", "b"]
+    assert queue.delivered(S, "a", 2) == SENDING
+    assert queue.delivered(S, "b", 2) == DONE
+
+
+def test_failed_attempt_backs_off_then_gives_up_with_the_reason(queue, tmp_path):
+    to_sending(queue, tmp_path)
+    assert queue.delivery_failed(S, "pacs", "refused", 3, 5, 60, now=T0 + 20) == SENDING
+    (delivery,) = queue.series(S).deliveries
+    assert (delivery.state, delivery.attempts, delivery.next_attempt_at) == (PENDING, 1, T0 + 25)
+    assert queue.due_deliveries(now=T0 + 24) == []
+    queue.delivery_failed(S, "pacs", "refused", 3, 5, 60, now=T0 + 25)
+    assert queue.delivery_failed(S, "pacs", "still refused", 3, 5, 60, now=T0 + 35) == FAILED
+    row = queue.series(S)
+    assert row.reason == "pacs: still refused (after 3 attempts)"
+
+
+def test_retry_of_a_send_failure_sends_again_when_outputs_are_kept(queue, tmp_path):
+    to_sending(queue, tmp_path)
+    queue.delivery_failed(S, "pacs", "down", 1, 5, 60)
+    assert queue.retry(S) == SENDING
+    (delivery,) = queue.series(S).deliveries
+    assert (delivery.state, delivery.attempts) == (PENDING, 0)
+
+
+def test_retry_denoises_again_when_outputs_are_gone(queue, tmp_path):
+    out = to_sending(queue, tmp_path)
+    queue.delivery_failed(S, "pacs", "down", 1, 5, 60)
+    next(out.iterdir()).unlink()
+    assert queue.retry(S) == QUEUED
+    assert queue.series(S).deliveries == []
+
+
+def test_retry_refuses_unknown_and_unfailed_series(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    with pytest.raises(QueueError, match="only failed"):
+        queue.retry(S)
+    with pytest.raises(QueueError, match="no series"):
+        queue.retry("7.7")
+
+
+def test_instance_after_done_opens_a_new_run_of_the_same_series(queue, tmp_path):
+    to_sending(queue, tmp_path, destinations=())
+    add(queue, tmp_path, "1.5", now=T0 + 100)
+    row = queue.series(S)
+    assert (row.state, row.run, row.reason) == (RECEIVED, 2, None)
+
+
+def test_instance_arriving_mid_run_gets_its_own_run_after_this_one(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    queue.promote_quiet(10, now=T0 + 10)
+    queue.claim_next(now=T0 + 11)
+    add(queue, tmp_path, "1.2", now=T0 + 12)
+    assert queue.series(S).state == DENOISING
+    assert queue.finish(S, FAILED, "boom", now=T0 + 13) == RECEIVED
+    assert queue.series(S).run == 2
+
+
+def test_reindex_restores_spooled_files_whose_commit_was_lost(queue, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.write_instance(S, "1.1", b"x")
+    spool.write_instance(S, "1.2", b"x")
+    queue.add_instance(S, "1.1", spool.path_for(S, "1.1"))
+    assert queue.reindex(spool.scan()) == 1
+    assert queue.series(S).instances == 2
+
+
+def test_remove_refuses_a_series_being_worked_on(queue, tmp_path):
+    to_sending(queue, tmp_path)
+    with pytest.raises(QueueError, match="sending"):
+        queue.remove(S)
+
+
+def test_finished_series_become_due_for_retention_once_and_cleaning_drops_instances(queue, tmp_path):
+    to_sending(queue, tmp_path)
+    queue.delivered(S, "pacs", 2, now=T0 + 50)
+    assert queue.finished_before(T0 + 49) == []
+    assert [r.series_uid for r in queue.finished_before(T0 + 50)] == [S]
+    queue.cleaned(S)
+    assert queue.finished_before(T0 + 50) == []
+    assert queue.series(S).instances == 0
+
+
+def test_depth_counts_every_state(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    assert queue.depth() == {"received": 1, "queued": 0, "denoising": 0, "sending": 0, "done": 0, "failed": 0}
+
+
+def test_outputs_complete_needs_every_slice(tmp_path):
+    out = outbox_with(tmp_path, 2)
+    assert outputs_complete(str(out), 2)
+    assert not outputs_complete(str(out), 3)
+    assert not outputs_complete(None, 2)

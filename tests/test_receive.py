@@ -1,0 +1,234 @@
+"""The C-STORE SCP: what it stores, the status it answers for each kind of input, and who may call."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage,
+    RLELossless,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification
+
+from ldct_node.config import AllowedPeer, ReceiveSettings
+from ldct_node.derive import MANUFACTURER
+from ldct_node.observe import Metrics
+from ldct_node.queue import Queue
+from ldct_node.receive import (
+    BAD_UIDS, CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, Receiver, Refused,
+    check_pixels, inspect, is_allowed,
+)
+from ldct_node.series import classify
+from ldct_node.spool import Spool
+from tests.synthetic import ct_dataset, localizer_dataset, save, without_pixels
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A receiver on a free loopback port over a spool and queue in tmp_path; settings changeable per test."""
+    made = []
+
+    def start(**settings) -> Receiver:
+        spool = Spool(tmp_path / "spool", settings.pop("min_free_bytes", 0))
+        queue = Queue(tmp_path / "queue.sqlite3")
+        receiver = Receiver(ReceiveSettings(port=0, **settings), spool, queue, metrics=Metrics())
+        receiver.start()
+        made.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in made:
+        receiver.stop()
+        receiver.queue.close()
+
+
+def associate(receiver: Receiver, calling: str = "SCANNER", syntaxes=(ExplicitVRLittleEndian,)):
+    """One presentation context per transfer syntax, so each is accepted or rejected on its own."""
+    ae = AE(ae_title=calling)
+    for syntax in syntaxes:
+        ae.add_requested_context(CTImageStorage, [syntax])
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", receiver.port, ae_title=receiver.settings.ae_title)
+
+
+def store(receiver: Receiver, ds, calling: str = "SCANNER") -> int:
+    assoc = associate(receiver, calling, (ds.file_meta.TransferSyntaxUID,))
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def store_file(receiver: Receiver, path: Path, monkeypatch, syntax: str = ExplicitVRLittleEndian) -> int:
+    """Send a file's bytes as they are (no re-encoding), so broken files reach the receiver broken."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    assoc = associate(receiver, syntaxes=(syntax,))
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+def spooled_files(receiver: Receiver) -> list[Path]:
+    return sorted(receiver.spool.root.rglob("*.dcm"))
+
+
+def test_stored_instance_is_spooled_as_sent_and_queued(node):
+    receiver = node()
+    ds = ct_dataset(rows=16, columns=16)
+    assert store(receiver, ds) == SUCCESS
+    (path,) = spooled_files(receiver)
+    assert path == receiver.spool.path_for(ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    stored = pydicom.dcmread(path)
+    assert stored.PixelData == ds.PixelData and stored.PatientName == ds.PatientName
+    assert receiver.queue.series(ds.SeriesInstanceUID).instances == 1
+
+
+def test_every_common_transfer_syntax_of_ct_is_accepted(node):
+    receiver = node()
+    assoc = associate(receiver, syntaxes=TRANSFER_SYNTAXES)
+    accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage}
+    assoc.release()
+    assert accepted == set(TRANSFER_SYNTAXES)
+
+
+def test_other_sop_classes_and_syntaxes_are_not_negotiated(node):
+    receiver = node()
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [DeflatedExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title=receiver.settings.ae_title)
+    assert not assoc.is_established  # pynetdicom aborts when no context is left
+    # PS3.8 presentation context results: 3 abstract syntax not supported, 4 transfer syntaxes not supported
+    assert {(cx.abstract_syntax, cx.result) for cx in assoc.rejected_contexts} == {
+        (MRImageStorage, 3), (CTImageStorage, 4)}
+
+
+def test_c_echo_answers_success(node):
+    assoc = associate(node())
+    assert int(assoc.send_c_echo().Status) == SUCCESS
+    assoc.release()
+
+
+def test_caller_off_the_allow_list_is_rejected_as_calling_ae_not_recognised(node):
+    receiver = node(allowed=(AllowedPeer("SCANNER"),))
+    assoc = associate(receiver, calling="INTRUDER")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+    allowed = associate(receiver, calling="SCANNER")
+    assert allowed.is_established
+    allowed.release()
+
+
+@pytest.mark.parametrize(("allowed", "ae", "host", "ok"), [
+    ((), "ANY", "10.0.0.1", True),
+    ((AllowedPeer("CT1"),), "CT1", "10.0.0.1", True),
+    ((AllowedPeer("CT1"),), "CT2", "10.0.0.1", False),
+    ((AllowedPeer("CT1", "10.0.0.1"),), "CT1 ", "10.0.0.1", True),
+    ((AllowedPeer("CT1", "10.0.0.1"),), "CT1", "10.0.0.2", False),
+])
+def test_allow_list_matches_ae_title_and_host_when_given(allowed, ae, host, ok):
+    assert is_allowed(allowed, ae, host) is ok
+
+
+def test_full_spool_answers_out_of_resources_and_stores_nothing(node):
+    receiver = node(min_free_bytes=1 << 60)
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == OUT_OF_RESOURCES
+    assert spooled_files(receiver) == []
+    assert receiver.queue.depth()["received"] == 0
+
+
+def test_ct_without_pixel_data_does_not_match_its_sop_class(node):
+    receiver = node()
+    assert store(receiver, without_pixels(rows=16, columns=16)) == DATASET_MISMATCH
+    assert spooled_files(receiver) == []
+
+
+def test_missing_series_uid_cannot_be_understood(node):
+    receiver = node()
+    ds = ct_dataset(rows=16, columns=16)
+    del ds.SeriesInstanceUID
+    assert store(receiver, ds) == BAD_UIDS
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom on the broken values
+def test_corrupt_dataset_cannot_be_understood_and_the_node_keeps_serving(node, tmp_path, monkeypatch):
+    receiver = node()
+    path = save(ct_dataset(rows=16, columns=16), tmp_path / "bad.dcm")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x08\x00\x16\x00", 200)  # SOPClassUID element of the data set: break its length
+    data[at + 6:at + 8] = (0xFFF0).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    assert store_file(receiver, path, monkeypatch) in (CANNOT_UNDERSTAND, BAD_UIDS)
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == SUCCESS
+
+
+def test_localizer_is_answered_success_but_not_spooled(node):
+    receiver = node()
+    assert store(receiver, localizer_dataset(rows=16, columns=16)) == SUCCESS
+    assert spooled_files(receiver) == []
+
+
+def test_own_derived_output_routed_back_is_answered_success_and_not_spooled(node):
+    receiver = node()
+    ds = ct_dataset(rows=16, columns=16)
+    item = Dataset()
+    item.Manufacturer = MANUFACTURER
+    ds.ContributingEquipmentSequence = [item]
+    assert store(receiver, ds) == SUCCESS
+    assert spooled_files(receiver) == []
+    assert receiver.queue.depth()["received"] == 0
+
+
+def test_every_outcome_is_counted_with_its_reason_or_status(node):
+    receiver = node()
+    store(receiver, ct_dataset(rows=16, columns=16))
+    store(receiver, localizer_dataset(rows=16, columns=16))
+    store(receiver, without_pixels(rows=16, columns=16))
+    registry = receiver.metrics.registry
+    assert registry.get_sample_value("ldct_instances_received_total") == 1
+    assert registry.get_sample_value("ldct_instances_ignored_total", {"reason": "localizer"}) == 1
+    assert registry.get_sample_value("ldct_instances_refused_total", {"status": "0xA900"}) == 1
+
+
+def test_compressed_instance_is_spooled_without_reencoding(node, tmp_path, monkeypatch):
+    receiver = node()
+    ds = ct_dataset(rows=16, columns=16)
+    ds.compress(RLELossless)
+    sent = save(ds, tmp_path / "rle.dcm")
+    assert store_file(receiver, sent, monkeypatch, RLELossless) == SUCCESS
+    (path,) = spooled_files(receiver)
+    stored = pydicom.dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == RLELossless
+    assert stored.PixelData == ds.PixelData
+
+
+def test_truncated_native_pixel_data_does_not_match():
+    ds = ct_dataset(rows=16, columns=16)
+    ds.PixelData = ds.PixelData[:100]
+    with pytest.raises(Refused) as err:
+        check_pixels(ds)
+    assert err.value.status == DATASET_MISMATCH
+
+
+def test_inspect_refuses_a_sop_uid_that_differs_from_the_request():
+    ds = ct_dataset(rows=16, columns=16)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(Refused) as err:
+        inspect(buf.getvalue(), "1.2.3", classify)
+    assert err.value.status == BAD_UIDS
+    assert inspect(buf.getvalue(), ds.SOPInstanceUID, classify).ignore_reason is None
+
+
+def test_settings_reach_the_application_entity(node):
+    receiver = node(max_pdu=65536, max_associations=3, acse_timeout_s=7.0)
+    ae = receiver._make_ae()
+    assert (ae.maximum_pdu_size, ae.maximum_associations, ae.acse_timeout) == (65536, 3, 7.0)

@@ -1,0 +1,71 @@
+"""The spool writes each instance atomically, replaces re-sent ones, and refuses when full."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from ldct_node import spool as spool_module
+from ldct_node.spool import Spool, SpoolFull, is_valid_uid
+
+SERIES, SOP = "1.2.3.4", "1.2.3.4.5"
+
+
+def test_instance_lands_under_series_and_sop_uid_with_exact_bytes(tmp_path):
+    spool = Spool(tmp_path)
+    spooled = spool.write_instance(SERIES, SOP, b"DICM-bytes")
+    assert spooled.path == tmp_path / SERIES / f"{SOP}.dcm"
+    assert spooled.path.read_bytes() == b"DICM-bytes"
+    assert [p.name for p in (tmp_path / SERIES).iterdir()] == [f"{SOP}.dcm"]
+
+
+def test_resent_instance_replaces_the_earlier_copy(tmp_path):
+    spool = Spool(tmp_path)
+    spool.write_instance(SERIES, SOP, b"first")
+    spool.write_instance(SERIES, SOP, b"second")
+    assert [p.read_bytes() for p in (tmp_path / SERIES).iterdir()] == [b"second"]
+
+
+@pytest.mark.parametrize("uid", ["", "../etc", "1.2/3", "1.2.", "a.b", "1" * 65, "1..2"])
+def test_uids_that_are_not_dicom_uids_never_become_paths(tmp_path, uid):
+    assert not is_valid_uid(uid)
+    with pytest.raises(ValueError):
+        Spool(tmp_path).write_instance(uid, SOP, b"x")
+    with pytest.raises(ValueError):
+        Spool(tmp_path).write_instance(SERIES, uid, b"x")
+
+
+def test_below_min_free_bytes_refuses_and_writes_nothing(tmp_path):
+    spool = Spool(tmp_path / "spool", min_free_bytes=1 << 60)
+    with pytest.raises(SpoolFull):
+        spool.write_instance(SERIES, SOP, b"x")
+    assert list((tmp_path / "spool").rglob("*")) == []
+
+
+def test_disk_full_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "fsync", no_space)
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolFull):
+        spool.write_instance(SERIES, SOP, b"x" * 1000)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_scan_lists_complete_instances_and_drops_crashed_temp_files(tmp_path):
+    spool = Spool(tmp_path)
+    spool.write_instance(SERIES, SOP, b"x")
+    leftover = tmp_path / SERIES / ".incoming-abc"
+    leftover.write_bytes(b"half")
+    found = spool.scan()
+    assert [(i.series_uid, i.sop_uid) for i in found] == [(SERIES, SOP)]
+    assert not leftover.exists()
+
+
+def test_remove_series_deletes_its_folder(tmp_path):
+    spool = Spool(tmp_path)
+    spool.write_instance(SERIES, SOP, b"x")
+    spool.remove_series(SERIES)
+    assert not (tmp_path / SERIES).exists()
