@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
 import re
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pydicom.uid import CTImageStorage, UID, generate_uid
 
 from . import __version__
 from .config import DeriveSettings
+from .durable import atomic_write
 from .pixels import stored_range
 
 MANUFACTURER = "ldct-node"
@@ -34,10 +33,6 @@ IMPLEMENTATION_CLASS_UID = f"{UUID_ROOT}{uuid.uuid5(_UID_NAMESPACE, 'implementat
 IMPLEMENTATION_VERSION_NAME = f"LDCT_NODE_{__version__}"[:16]
 MAX_LO_CHARS = 64
 _UTC_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
-# mkstemp creates files 0600; written files get the permissions open() would give them. The umask
-# can only be read by setting it, so that happens once, at import, before any thread exists.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 # (CodeValue, CodingSchemeDesignator, CodeMeaning). DICOM has no code for "denoising"; CID 7203's
 # "Smoothing" is the closest.
@@ -283,25 +278,8 @@ def derive_dataset(
 
 
 def write_dataset(ds: FileDataset, path: Path) -> None:
-    """Write ds to path atomically: a reader sees the old file or the whole new one, never a part, even after a power cut."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as fh:
-            pydicom.dcmwrite(fh, ds, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # the rename itself must reach the disk, or a crash can leave the folder without the file
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ds to path atomically and durably (see ldct_node.durable)."""
+    atomic_write(path, lambda fh: pydicom.dcmwrite(fh, ds, enforce_file_format=True))
 
 
 def is_own_output(ds: pydicom.Dataset) -> bool:

@@ -10,20 +10,19 @@ instance survives a power cut, and a re-sent instance atomically replaces the ea
 from __future__ import annotations
 
 import errno
-import os
 import re
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from .durable import TEMP_PREFIX, atomic_write_bytes, fsync_dir
 
 # DICOM UIDs (PS3.5 §9): digits and dots, at most 64 characters. Checking this before a UID
 # becomes a path component is what stops a hostile dataset writing outside the spool.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64
 SUFFIX = ".dcm"
-_TEMP_PREFIX = ".incoming-"
 
 
 class SpoolFull(OSError):
@@ -81,7 +80,7 @@ class Spool:
                 final.parent.mkdir(exist_ok=True)
                 # the new directory entry must itself be durable, or a power cut loses the whole series
                 fsync_dir(self.root)
-            atomic_write(final, data)
+            atomic_write_bytes(final, data)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(exc.errno, f"spool volume full: {exc.strerror}") from exc
@@ -98,31 +97,9 @@ class Spool:
         found = []
         for series_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and is_valid_uid(p.name)):
             for path in sorted(series_dir.iterdir()):
-                if path.name.startswith(_TEMP_PREFIX):
+                if path.name.startswith(TEMP_PREFIX):
                     path.unlink(missing_ok=True)
                 elif path.suffix == SUFFIX and is_valid_uid(path.stem):
                     found.append(SpooledInstance(series_dir.name, path.stem, path))
         return found
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path via temp file + fsync + rename + directory fsync; no partial file on failure."""
-    fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from .durable import atomic_write_bytes
 from .model import build_model
 
 CARD_FORMAT = "ldct-node-weights/1"
@@ -116,13 +117,10 @@ def save_weights(model: nn.Module, card: ModelCard, path: Path) -> Path:
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT})
-    tmp.replace(path)
-    card.sha256 = sha256_of(path)
-    tmp_card = path.with_name(path.name + ".json.tmp")
-    tmp_card.write_text(json.dumps(card.to_json(), indent=2) + "\n")
-    tmp_card.replace(card_path(path))
+    data = save(tensors, metadata={"format": CARD_FORMAT})
+    atomic_write_bytes(path, data)
+    card.sha256 = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(card_path(path), (json.dumps(card.to_json(), indent=2) + "\n").encode())
     return path
 
 
@@ -142,7 +140,7 @@ def load_weights(path: Path | None = None, device: str | torch.device = "cpu") -
     """Build the network its card describes and load its tensors, verifying the checksum."""
     path = Path(path).with_suffix(".safetensors") if path is not None else default_weights_path()
     if not path.is_file():
-        raise WeightsError(f"weights file {path} not found: pass --weights PATH to a .safetensors file, or reinstall ldct-node for the shipped weights")
+        raise WeightsError(f"weights file {path} not found: pass --weights PATH (or set [model] weights) to a .safetensors file, or reinstall ldct-node for the shipped weights")
     card = read_card(path)
     if card.sha256 and sha256_of(path) != card.sha256:
         raise WeightsError(f"weights file {path} does not match the sha256 in its model card (corrupt or replaced): restore both files from the release")
@@ -185,4 +183,4 @@ def default_weights_path() -> Path:
         if candidate.is_file():
             return candidate
     looked = ", ".join(str(c) for c in candidates)
-    raise WeightsError(f"shipped weights not found (looked in {looked}): reinstall ldct-node or pass --weights PATH")
+    raise WeightsError(f"shipped weights not found (looked in {looked}): reinstall ldct-node, or pass --weights PATH (or set [model] weights)")

@@ -46,6 +46,7 @@ def write_series(folder: Path, hu: np.ndarray, z0: float = 10.0, dz: float = 2.5
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series_uid
         ds.Modality = "CT"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [0.0, 0.0, z0 + k * dz]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [0.8, 0.7]

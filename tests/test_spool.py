@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
-from ldct_node import spool as spool_module
 from ldct_node.spool import Spool, SpoolFull, is_valid_uid
 
 SERIES, SOP = "1.2.3.4", "1.2.3.4.5"
@@ -47,7 +47,7 @@ def test_disk_full_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_module.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)
     spool = Spool(tmp_path)
     with pytest.raises(SpoolFull):
         spool.write_instance(SERIES, SOP, b"x" * 1000)

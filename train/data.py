@@ -21,11 +21,13 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 import torch
-from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset
 
 from ldct_node.cli import CommandError
+from ldct_node.denoise import neighbour_indices
 from ldct_node.model import DOWNSAMPLE
+from ldct_node.pixels import rescale, stored_to_hu, stored_values
+from ldct_node.series import scan_tree, stacks
 from ldct_node.weights import InputScaling
 
 SPLITS = ("train", "val", "test")
@@ -148,43 +150,27 @@ def load_volume(path: Path) -> Volume:
     raise CommandError(f"{path} is neither a DICOM folder nor a {'/'.join(VOLUME_SUFFIXES)} volume: point the pairs file at one")
 
 
-def slice_normal(orientation) -> np.ndarray:
-    """Unit normal of the slice plane from ImageOrientationPatient (row and column cosines)."""
-    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    normal = np.cross(row, col)
-    return normal / np.linalg.norm(normal)
-
-
 def _load_dicom_series(folder: Path) -> Volume:
-    slices = []
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(file)
-        except (InvalidDicomError, OSError):
-            continue  # licence texts, READMEs, DICOMDIR companions: not images
-        if "PixelData" in ds and "ImagePositionPatient" in ds:
-            slices.append(ds)
-    if not slices:
-        raise CommandError(f"no DICOM images with ImagePositionPatient found in {folder}: point the pairs file at a CT series folder")
-    series = sorted({str(ds.SeriesInstanceUID) for ds in slices})
-    if len(series) > 1:
+    """The one axial CT series under folder, slices ordered by position, in HU (the node's own pixel rules)."""
+    scan = scan_tree(folder)
+    if not scan.series:
+        raise CommandError(f"no axial CT series found in {folder}: point the pairs file at a CT series folder")
+    if len(scan.series) > 1:
+        series = sorted(scan.series)
         raise CommandError(f"{folder} holds {len(series)} series ({', '.join(series[:3])}{' ...' if len(series) > 3 else ''}): give each series its own folder")
-    normal = slice_normal(slices[0].ImageOrientationPatient)
-    positions = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds in slices])
-    order = np.argsort(positions, kind="stable")
-    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in slices}
-    if len(shapes) > 1:
-        raise CommandError(f"{folder} mixes image sizes {sorted(shapes)}: one series must have one matrix size")
-    hu = np.stack([_dicom_hu(slices[i]) for i in order])
-    positions = positions[order]
-    dy, dx = (float(v) for v in slices[0].PixelSpacing)
-    return Volume(hu=hu, spacing=(_slice_gap(positions, slices[0]), dy, dx), positions=positions)
-
-
-def _dicom_hu(ds) -> np.ndarray:
-    slope = float(ds.get("RescaleSlope", 1.0))
-    intercept = float(ds.get("RescaleIntercept", 0.0))
-    return (ds.pixel_array.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    (instances,) = scan.series.values()
+    groups = stacks(instances)
+    if len(groups) > 1:
+        sizes = sorted((g[0].rows, g[0].columns) for g in groups)
+        raise CommandError(f"{folder} mixes image sizes {sizes}: one series must have one matrix size")
+    (stack,) = groups
+    if any(inst.position is None for inst in stack):
+        raise CommandError(f"{folder} has slices without ImagePositionPatient: slices cannot be matched by position")
+    datasets = [pydicom.dcmread(inst.path) for inst in stack]
+    hu = np.stack([stored_to_hu(stored_values(ds), *rescale(ds)) for ds in datasets]).astype(np.float32)
+    positions = np.array([inst.position for inst in stack])
+    dy, dx = (float(v) for v in datasets[0].PixelSpacing)
+    return Volume(hu=hu, spacing=(_slice_gap(positions, datasets[0]), dy, dx), positions=positions)
 
 
 def _slice_gap(positions: np.ndarray, first) -> float:
@@ -270,10 +256,8 @@ def _take(volume: Volume, index: np.ndarray) -> Volume:
 
 
 def neighbour_stack(volume: np.ndarray, index: int, in_slices: int) -> np.ndarray:
-    """Slices index−k … index+k (in_slices = 2k+1) with the end slices repeated past the volume ends."""
-    half = in_slices // 2
-    rows = np.clip(np.arange(index - half, index + half + 1), 0, volume.shape[0] - 1)
-    return volume[rows]
+    """Slices index−k … index+k (in_slices = 2k+1) with the end slices repeated, as the node feeds them."""
+    return volume[neighbour_indices(volume.shape[0], in_slices)[index]]
 
 
 def crop_to_multiple(image: np.ndarray, multiple: int = DOWNSAMPLE) -> np.ndarray:
