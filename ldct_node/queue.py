@@ -388,9 +388,14 @@ class Queue:
     # --- restart, admin, retention --------------------------------------------------------------
 
     def recover(self, now: float | None = None) -> int:
-        """After a crash or restart: interrupted denoising runs are queued again. Returns how many."""
+        """After a crash or restart: interrupted denoising runs are queued again. Returns how many.
+
+        Series still being received restart their quiet period: their sender was cut off by our
+        downtime and will resend the rest, so queueing them at once would deliver a partial series.
+        """
         now = time.time() if now is None else now
         with self._tx() as db:
+            db.execute("UPDATE series SET last_received_at = ?, updated_at = ? WHERE state = ?", (now, now, RECEIVED))
             return db.execute(
                 "UPDATE series SET state = ?, queued_at = coalesce(queued_at, ?), started_at = NULL, updated_at = ?"
                 " WHERE state = ?",

@@ -205,3 +205,10 @@ def test_outputs_complete_needs_every_slice(tmp_path):
     assert outputs_complete(str(out), 2)
     assert not outputs_complete(str(out), 3)
     assert not outputs_complete(None, 2)
+
+
+def test_restart_gives_a_partly_received_series_a_fresh_quiet_period(queue, tmp_path):
+    add(queue, tmp_path, "1.1", now=T0)
+    queue.recover(now=T0 + 100)
+    assert queue.promote_quiet(10, now=T0 + 105) == []
+    assert queue.promote_quiet(10, now=T0 + 111) == [S]
