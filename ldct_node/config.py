@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +22,7 @@ import platformdirs
 APP_NAME = "ldct-node"
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 
 
 class ConfigError(ValueError):
@@ -216,7 +218,9 @@ def _build(cls: type, table: dict, prefix: str) -> object:
         raise ConfigError(f"config table '{prefix}' is incomplete: {exc}") from None
 
 
-def _validate(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first setting that cannot work."""
+
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' {what}")
@@ -240,12 +244,21 @@ def _validate(cfg: Config) -> None:
     need(cfg.inference.batch_size >= 1, "inference.batch_size", "must be at least 1")
     need(cfg.inference.chunk_slices >= 1, "inference.chunk_slices", "must be at least 1")
     need(cfg.inference.threads >= 0, "inference.threads", "must be 0 (default) or more")
-    need(cfg.inference.device == "auto" or cfg.inference.device.split(":")[0] in ("cpu", "cuda"),
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.inference.device) is not None,
          "inference.device", "must be auto, cpu, cuda or cuda:N")
-    root = cfg.derive.uid_root
-    need(root.endswith(".") and all(p.isdigit() for p in root[:-1].split(".")) and len(root) <= 32,
-         "derive.uid_root", "must be a numeric UID prefix ending in '.', at most 32 characters")
-    need(cfg.derive.transfer_syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"),
+    # UID components are digits without leading zeros (PS3.5 9.1); derived UIDs append to the root.
+    need(re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", cfg.derive.uid_root) is not None
+         and len(cfg.derive.uid_root) <= 32,
+         "derive.uid_root", "must be a numeric UID prefix ending in '.', without leading zeros, at most 32 characters")
+    # Both end up in LO elements: at most 64 characters and no backslash (the value separator).
+    need(len(cfg.derive.series_description_suffix) < 64 and "\\" not in cfg.derive.series_description_suffix,
+         "derive.series_description_suffix", "must be shorter than 64 characters and contain no backslash")
+    need(len(cfg.derive.institution_name) <= 64 and "\\" not in cfg.derive.institution_name,
+         "derive.institution_name", "must be at most 64 characters and contain no backslash")
+    for i, dest in enumerate(cfg.send.destinations):
+        need(bool(dest.name.strip()), f"send.destinations[{i}].name", "must not be empty")
+        need(bool(dest.host.strip()), f"send.destinations[{i}].host", "must not be empty")
+    need(cfg.derive.transfer_syntax in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
          "derive.transfer_syntax", "must be explicit (1.2.840.10008.1.2.1) or implicit (1.2.840.10008.1.2) VR little endian")
     need(cfg.queue.quiet_period_s >= 0, "queue.quiet_period_s", "must be >= 0")
     need(cfg.queue.poll_interval_s > 0, "queue.poll_interval_s", "must be > 0")
@@ -272,6 +285,8 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"config file {path} not found: check the path or omit --config for the embedded default") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read ({exc}): check its permissions (run as the service user)") from None
         cfg = _build(Config, table, "")
-    _validate(cfg)
+    validate(cfg)
     return cfg

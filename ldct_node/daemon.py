@@ -49,9 +49,14 @@ def sd_notify(message: str) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract socket namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        # A stale or wrong NOTIFY_SOCKET must not take the node down; systemd will notice the silence.
+        log.warning("cannot notify systemd", socket=address, error=str(exc))
+        return False
     return True
 
 
@@ -132,6 +137,7 @@ class Node:
             receiver_up=self.receiver.is_running,
             worker_alive=self.worker.is_alive(),
             sender_alive=self.sender.is_alive(),
+            housekeeper_alive=self.housekeeper.is_alive(),
             spool_free_bytes=self.spool.free_bytes(),
             spool_min_free_bytes=self.spool.min_free_bytes,
             queue=self.queue.depth(),
@@ -153,9 +159,10 @@ class Node:
         while not self._stopping.wait(self.cfg.queue.poll_interval_s):
             try:
                 self.housekeeping()
-            except OSError as exc:
-                # Retention failing (a file held open, permissions) must not stop the node.
-                log.error("retention failed, will try again", error=str(exc))
+            except (OSError, sqlite3.Error) as exc:
+                # Retention failing (a file held open, permissions) or the database briefly locked by
+                # an admin command must not stop series assembly for good.
+                log.error("housekeeping failed, will try again", error=str(exc))
 
     def stop(self) -> None:
         self.receiver.stop()

@@ -15,17 +15,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import InferenceSettings
+from .config import ConfigError, InferenceSettings
 from .model import DOWNSAMPLE
 from .weights import LoadedModel, load_weights
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' takes the GPU when there is one; naming a device that is not there is a configuration error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"inference.device is {name!r} but no CUDA GPU is available: set it to 'auto' or 'cpu'")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r} asked for but no such CUDA GPU is available: use auto or cpu")
     return device
 
 

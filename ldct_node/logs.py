@@ -28,3 +28,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
 
 def get_logger(name: str):
     return structlog.get_logger(name)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line, for a failed series' stored reason and for reports."""
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text}"

@@ -79,13 +79,14 @@ class Health:
     receiver_up: bool
     worker_alive: bool
     sender_alive: bool
+    housekeeper_alive: bool  # series assembly and retention
     spool_free_bytes: int
     spool_min_free_bytes: int
     queue: dict[str, int]
 
     @property
     def ok(self) -> bool:
-        return (self.receiver_up and self.worker_alive and self.sender_alive
+        return (self.receiver_up and self.worker_alive and self.sender_alive and self.housekeeper_alive
                 and self.spool_free_bytes >= self.spool_min_free_bytes)
 
     def to_dict(self) -> dict:

@@ -18,8 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cli import CommandError
-from .config import load_config
+from .config import load_config, validate
 from .denoise import DenoiseEngine
+from .logs import one_line
 from .process import SeriesResult, denoise_instances, output_series_uid
 from .series import ScanResult, scan_tree
 
@@ -40,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     overrides = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size), ("threads", args.threads)) if v is not None}
-    inference = dataclasses.replace(cfg.inference, **overrides)
+    cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, **overrides))
+    validate(cfg)
     if not args.in_dir.is_dir():
         raise CommandError(f"input folder {args.in_dir} does not exist or is not a folder")
     if args.out_dir.resolve().is_relative_to(args.in_dir.resolve()):
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(skipped_report(scan))
         print(f"no axial CT series found under {args.in_dir}: nothing was written")
         return 1
-    engine = DenoiseEngine.from_path(args.weights or cfg.model.weights, inference)
+    engine = DenoiseEngine.from_path(args.weights or cfg.model.weights, cfg.inference)
 
     results: list[SeriesResult] = []
     failures: list[str] = []
@@ -63,12 +65,12 @@ def run(args: argparse.Namespace) -> int:
                 out = args.out_dir / output_series_uid(series_uid, engine, cfg.derive)
                 result = denoise_instances(series_uid, instances, out, engine, cfg.derive, progress=bar.update)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise CommandError(f"disk full while writing to {args.out_dir}: free space and run again (the re-run writes the same UIDs)") from None
-                failures.append(f"series {series_uid}: {exc}")
+                failures.append(f"series {series_uid}: {one_line(exc)}")
                 continue
-            except (ValueError, RuntimeError) as exc:
-                failures.append(f"series {series_uid}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a damaged series must not stop the others; each is reported
+                failures.append(f"series {series_uid}: {one_line(exc)}")
                 continue
             results.append(result)
     print(summary(results, scan, time.monotonic() - started))

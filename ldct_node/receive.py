@@ -40,7 +40,7 @@ the header is parsed to find the UIDs and to classify it.
 from __future__ import annotations
 
 import socket
-import threading
+import sqlite3
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Callable
@@ -54,7 +54,7 @@ from .config import AllowedPeer, ReceiveSettings
 from .logs import get_logger
 from .observe import Metrics
 from .queue import Queue
-from .series import classify
+from .series import UNREADABLE, classify
 from .spool import Spool, SpoolFull, is_valid_uid
 
 log = get_logger(__name__)
@@ -82,7 +82,6 @@ _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 # How series.classify starts its reason for a value that cannot be decoded: that is a broken
 # data set to refuse, not a valid image to leave alone.
-UNREADABLE = "unreadable DICOM"
 
 
 class Refused(Exception):
@@ -183,7 +182,6 @@ class Receiver:
         self.classify = classify
         self.metrics = metrics
         self._server = None
-        self._lock = threading.Lock()
 
     def _make_ae(self) -> AE:
         s = self.settings
@@ -231,7 +229,11 @@ class Receiver:
                 raise Refused(OUT_OF_RESOURCES, exc.strerror or "spool full") from None
             except OSError as exc:
                 raise Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
-            self.queue.add_instance(found.series_uid, found.sop_uid, spooled.path)
+            try:
+                self.queue.add_instance(found.series_uid, found.sop_uid, spooled.path)
+            except sqlite3.Error as exc:
+                # The file is safe in the spool and is re-indexed at the next start; the sender retries.
+                raise Refused(OUT_OF_RESOURCES, f"queue database unavailable: {exc}") from None
 
     def _on_connection(self, event) -> None:
         if self.settings.tcp_nodelay:

@@ -26,6 +26,10 @@ MAX_AXIAL_TILT_DEGREES = 35.0
 _DEFER_SIZE = 1024
 
 
+# The label of every reason for a file that cannot be parsed; the receiver refuses those (0xC000).
+UNREADABLE = "unreadable DICOM"
+
+
 @dataclass
 class Instance:
     path: Path
@@ -79,7 +83,7 @@ def classify(ds: pydicom.Dataset) -> str | None:
     try:
         return _classify(ds)
     except Exception as exc:  # noqa: BLE001 - a malformed value is a reason to skip, not a crash of the receiver
-        return f"unreadable DICOM ({type(exc).__name__}: {exc})"
+        return f"{UNREADABLE} ({type(exc).__name__}: {exc})"
 
 
 def _classify(ds: pydicom.Dataset) -> str | None:
@@ -139,7 +143,7 @@ def damage(path: Path, ds: pydicom.Dataset) -> str | None:
     it lacks PixelData and bytes that no element accounts for follow its last element.
     """
     if "SOPClassUID" not in ds and _sop_class(ds) != MediaStorageDirectoryStorage:
-        return "unreadable DICOM (no SOP Class UID in the data set: truncated or damaged file)"
+        return f"{UNREADABLE} (no SOP Class UID in the data set: truncated or damaged file)"
     if not len(ds):
         return None
     last = ds.get_item(max(ds.keys()), keep_deferred=True)
@@ -150,9 +154,9 @@ def damage(path: Path, ds: pydicom.Dataset) -> str | None:
     size = path.stat().st_size
     available = size - tell if last.value is None else len(last.value)
     if available < length:
-        return f"unreadable DICOM (truncated: {last.tag} needs {length} bytes, {max(available, 0)} present)"
+        return f"{UNREADABLE} (truncated: {last.tag} needs {length} bytes, {max(available, 0)} present)"
     if "PixelData" not in ds and size > tell + length:
-        return f"unreadable DICOM (truncated: {size - tell - length} bytes after {last.tag} are no complete element)"
+        return f"{UNREADABLE} (truncated: {size - tell - length} bytes after {last.tag} are no complete element)"
     return None
 
 
@@ -163,7 +167,7 @@ def read_instance(path: Path) -> Instance | Skipped:
     except InvalidDicomError:
         return Skipped(path, "not DICOM")
     except Exception as exc:  # noqa: BLE001 - any parser failure is a damaged file, reported, never raised
-        return Skipped(path, f"unreadable DICOM ({type(exc).__name__}: {exc})")
+        return Skipped(path, f"{UNREADABLE} ({type(exc).__name__}: {exc})")
     try:
         reason = damage(path, ds) or classify(ds)
         if reason:
@@ -178,7 +182,7 @@ def read_instance(path: Path) -> Instance | Skipped:
             instance_number=_instance_number(ds),
         )
     except Exception as exc:  # noqa: BLE001 - e.g. a value cut off mid-element only fails on access
-        return Skipped(path, f"unreadable DICOM ({type(exc).__name__}: {exc})")
+        return Skipped(path, f"{UNREADABLE} ({type(exc).__name__}: {exc})")
 
 
 def scan_files(paths: Iterable[Path]) -> ScanResult:

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from .config import DeriveSettings
 from .denoise import DenoiseEngine
-from .logs import get_logger
+from .logs import get_logger, one_line
 from .observe import Metrics
 from .process import SeriesResult, denoise_series, output_series_uid
 from .queue import DONE, FAILED, KEPT_IN_OUTBOX, Job, Queue
@@ -52,12 +52,6 @@ class EngineProcessor:
 
     def run(self, sources: list[Path], out_dir: Path) -> SeriesResult:
         return denoise_series(sources, out_dir, self.engine, self.settings)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as the one-line reason stored with a failed series."""
-    text = " ".join(str(exc).split()) or "no detail"
-    return f"{type(exc).__name__}: {text}"
 
 
 def reset_dir(path: Path) -> None:

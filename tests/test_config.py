@@ -35,6 +35,10 @@ def test_values_from_file_override_defaults(tmp_path):
         ('[log]\nlevel = "loud"\n', "log.level"),
         ('[derive]\nuid_root = "1.2.abc."\n', "derive.uid_root"),
         ("[inference]\nbatch_size = 0\n", "inference.batch_size"),
+        ('[inference]\ndevice = "cuda:x"\n', "inference.device"),
+        ('[derive]\nuid_root = "1.02."\n', "derive.uid_root"),
+        ('[derive]\nseries_description_suffix = " a\\\\b"\n', "derive.series_description_suffix"),
+        ('[[send.destinations]]\nname = "p"\nae_title = "P"\nhost = ""\nport = 104\n', "send.destinations[0].host"),
     ],
 )
 def test_bad_keys_and_values_are_one_line_errors_naming_the_key(tmp_path, text, key):
@@ -49,3 +53,8 @@ def test_missing_file_and_bad_toml_are_reported(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[receive\n"))
+
+
+def test_unreadable_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path)  # a directory, as a wrong path often is

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldct_node.config import InferenceSettings
+from ldct_node.config import ConfigError, InferenceSettings
 from ldct_node.denoise import DenoiseEngine, neighbour_indices, pad_to_multiple
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.weights import LoadedModel, ModelCard
@@ -102,5 +102,5 @@ def test_padding_to_a_multiple_of_four_is_undone():
 def test_cuda_request_without_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+    with pytest.raises(ConfigError, match="no such CUDA GPU"):
         engine_for(MiddleSlice(), device="cuda")

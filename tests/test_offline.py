@@ -175,3 +175,37 @@ def test_shared_series_goes_through_denoise_end_to_end_with_shipped_weights(tmp_
     difference = np.abs(out.pixel_array.astype(int) - source.pixel_array.astype(int))
     assert 0 < difference.mean() < 50  # it denoised, and it did not invent a different image
     assert "series: 1  slices: 134" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--batch-size", "0"], "inference.batch_size"), (["--threads", "-1"], "inference.threads"),
+     (["--device", "tpu"], "inference.device")],
+)
+def test_bad_command_line_overrides_are_one_line_errors_and_write_nothing(tmp_path, random_weights, capsys, flags, message):
+    synthetic.write_series(tmp_path / "in", synthetic.ct_series(1, rows=32, columns=32))
+    assert denoise(tmp_path / "in", tmp_path / "out", random_weights, *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_asking_for_a_gpu_on_a_machine_without_one_is_a_one_line_error(tmp_path, random_weights, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    synthetic.write_series(tmp_path / "in", synthetic.ct_series(1, rows=32, columns=32))
+    assert denoise(tmp_path / "in", tmp_path / "out", random_weights, "--device", "cuda") == 2
+    assert "no such CUDA GPU is available: use auto or cpu" in capsys.readouterr().err
+
+
+def test_a_damaged_series_is_reported_and_the_others_are_still_written(tmp_path, random_weights, capsys):
+    good = synthetic.ct_series(2, rows=32, columns=32)
+    damaged = synthetic.ct_series(2, rows=32, columns=32)
+    for ds in damaged:
+        ds.RescaleSlope = 0  # makes every stored value the same HU: no way back to stored values
+    synthetic.write_series(tmp_path / "in" / "good", good)
+    synthetic.write_series(tmp_path / "in" / "damaged", damaged)
+    assert denoise(tmp_path / "in", tmp_path / "out", random_weights) == 1
+    assert [len(v) for v in derived_files(tmp_path / "out").values() if v] == [2]
+    out = capsys.readouterr().out
+    assert f"FAILED series {damaged[0].SeriesInstanceUID}" in out

@@ -36,6 +36,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ldct_node.cli import CommandError
 from ldct_node.config import InferenceSettings
+from ldct_node.denoise import resolve_device
 from ldct_node.derive import write_dataset
 from ldct_node.logs import get_logger
 from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
@@ -103,12 +104,6 @@ def validate_settings(settings: SimulationSettings) -> None:
 def validate_dose(dose: float) -> None:
     if not 0 < dose <= 1:
         raise CommandError(f"dose fraction {dose} is outside (0, 1]: give e.g. --dose 0.05 for 5 % of the normal dose")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------- projector

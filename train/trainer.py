@@ -41,6 +41,7 @@ from tqdm import tqdm
 from ldct_node import __version__
 from ldct_node.cli import CommandError
 from ldct_node.logs import configure_logging, get_logger
+from ldct_node.denoise import resolve_device
 from ldct_node.model import REDCNNConfig, TSCNetConfig, build_model
 from ldct_node.weights import InputScaling, ModelCard, load_weights, read_card, save_weights
 
@@ -268,11 +269,9 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device]:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), and pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     procs = Processes(rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError("--device cuda asked for but no CUDA device is available: use --device cpu")
-    device = torch.device(f"cuda:{procs.local_rank}" if device_name == "cuda" else device_name)
+    device = resolve_device(device_name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", procs.local_rank)  # one GPU per torchrun process
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if procs.distributed:
