@@ -78,7 +78,7 @@ def test_msssim_loss_is_zero_for_identical_images_and_grows_with_noise(side):
 
 def test_contrastive_term_falls_as_the_reconstruction_moves_toward_normal_dose(shipped_vgg):
     nd, ld = smooth_pair(32)
-    values = [contrastive_loss(shipped_vgg, ld + t * (nd - ld), nd, ld, (0.25, 0.5, 1.0), 1e-7).item()
+    values = [contrastive_loss(shipped_vgg, ld + t * (nd - ld), nd, ld, (0.25, 0.5, 1.0), 0.1, 1e-7).item()
               for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     assert all(a > b for a, b in zip(values, values[1:])), values
 
@@ -86,9 +86,9 @@ def test_contrastive_term_falls_as_the_reconstruction_moves_toward_normal_dose(s
 def test_contrastive_term_weights_each_layer_by_its_beta(shipped_vgg):
     nd, ld = smooth_pair(16)
     rec = (nd + ld) / 2
-    parts = [contrastive_loss(shipped_vgg, rec, nd, ld, betas, 1e-7).item()
+    parts = [contrastive_loss(shipped_vgg, rec, nd, ld, betas, 0.1, 1e-7).item()
              for betas in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
-    combined = contrastive_loss(shipped_vgg, rec, nd, ld, (0.25, 0.5, 1.0), 1e-7).item()
+    combined = contrastive_loss(shipped_vgg, rec, nd, ld, (0.25, 0.5, 1.0), 0.1, 1e-7).item()
     assert combined == pytest.approx(0.25 * parts[0] + 0.5 * parts[1] + parts[2], rel=1e-5)
 
 
@@ -196,3 +196,11 @@ def test_shipped_vgg_features_have_the_tapped_shapes_and_stay_frozen(shipped_vgg
     assert [tuple(f.shape[1:]) for f in feats] == [(64, 20, 20), (128, 10, 10), (256, 5, 5)]
     assert not shipped_vgg.training
     assert not any(p.requires_grad for p in shipped_vgg.parameters())
+
+
+def test_contrastive_term_stays_bounded_when_the_reconstruction_equals_the_low_dose_input(shipped_vgg):
+    torch.manual_seed(0)
+    nd = torch.rand(2, 1, 32, 32)
+    ld = nd + 0.05 * torch.randn_like(nd)
+    value = contrastive_loss(shipped_vgg, ld.clone(), nd, ld, (0.25, 0.5, 1.0), 0.1, 1e-7).item()
+    assert value <= (0.25 + 0.5 + 1.0) / 0.1 + 1e-3

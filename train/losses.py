@@ -31,7 +31,10 @@ class LossWeights:
     kt: float = 1.0  # knowledge transfer: L1 between student and teacher DEM features
     contrast: float = 0.001
     betas: tuple[float, float, float] = (0.25, 0.5, 1.0)  # conv1_2, conv2_2, conv3_3
-    contrast_eps: float = 1e-7  # keeps the ratio finite when rec equals the low-dose input
+    # The contrastive ratio's denominator is floored at this fraction of the LD-ND feature distance
+    # (see contrastive_loss); eps only guards the degenerate case LD == ND.
+    contrast_floor: float = 0.1
+    contrast_eps: float = 1e-7
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,16 +78,24 @@ def _mean_square(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(vgg: VGG16Features, rec: torch.Tensor, nd: torch.Tensor, ld: torch.Tensor,
-                     betas: tuple[float, ...], eps: float) -> torch.Tensor:
+                     betas: tuple[float, ...], floor: float, eps: float) -> torch.Tensor:
     """Contrastive regularisation: pull rec towards nd (positive) and away from ld (negative) in
-    VGG feature space. rec, nd, ld are (N, 1, H, W); averaged over the batch."""
+    VGG feature space. rec, nd, ld are (N, 1, H, W); averaged over the batch.
+
+    The paper's ratio ‖E(nd) − E(rec)‖² / ‖E(ld) − E(rec)‖² is unbounded at rec = ld, which is exactly
+    where a student that starts as the identity begins: there it measured ~1e6 and wrecked training
+    (25.9 dB validation PSNR against 39.2 dB without the term, same budget). The denominator is
+    therefore floored at ``floor`` × ‖E(ld) − E(nd)‖², which bounds the ratio by 1/floor at rec = ld
+    and leaves it falling to 0 as rec reaches nd.
+    """
     rec, nd, ld = rec.float(), nd.float(), ld.float()  # the frozen VGG is float32, rec may come from autocast
     with torch.no_grad():
         positive, negative = vgg(nd), vgg(ld)
     anchor = vgg(rec)
     total = torch.zeros(rec.shape[0], device=rec.device)
     for beta, a, p, n in zip(betas, anchor, positive, negative, strict=True):
-        total = total + beta * _mean_square(p, a) / (_mean_square(n, a) + eps)
+        gap = _mean_square(n, p)  # no gradient: both come from the frozen VGG without rec
+        total = total + beta * _mean_square(p, a) / (_mean_square(n, a) + floor * gap + eps)
     return total.mean()
 
 
@@ -111,7 +122,7 @@ def total_loss(weights: LossWeights, inputs: LossInputs, vgg: VGG16Features | No
     if inputs.student_features is not None and inputs.teacher_features is not None:
         terms["kt"] = (weights.kt, lambda: knowledge_transfer_loss(inputs.student_features, inputs.teacher_features))
     if vgg is not None and inputs.ld is not None:
-        terms["contrast"] = (weights.contrast, lambda: contrastive_loss(vgg, inputs.rec, inputs.nd, inputs.ld, weights.betas, weights.contrast_eps))
+        terms["contrast"] = (weights.contrast, lambda: contrastive_loss(vgg, inputs.rec, inputs.nd, inputs.ld, weights.betas, weights.contrast_floor, weights.contrast_eps))
     total = torch.zeros((), device=inputs.rec.device)
     parts = {}
     for name, (weight, term) in terms.items():

@@ -154,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--w-msssim", type=float, default=defaults.msssim, help="1 − MS-SSIM")
     loss.add_argument("--w-kt", type=float, default=defaults.kt, help="knowledge transfer L1")
     loss.add_argument("--w-contrast", type=float, default=defaults.contrast, help="contrastive regularisation")
+    loss.add_argument("--contrast-floor", type=float, default=defaults.contrast_floor,
+                      help="floor of the contrastive ratio's denominator, as a fraction of the LD-ND feature distance")
     loss.add_argument("--betas", type=parse_float_list, default=defaults.betas, help="contrastive layer weights for conv1_2,conv2_2,conv3_3")
     loss.add_argument("--vgg-weights", type=Path, help="VGG-16 conv1–3 safetensors (default: search $LDCT_NODE_VGG_WEIGHTS, weights/, the cache)")
     run = parser.add_argument_group("run")
@@ -244,7 +246,8 @@ def check_teacher_fits(student: dict, teacher: dict) -> None:
 def loss_weights_from(args: argparse.Namespace) -> LossWeights:
     if len(args.betas) != len(LossWeights().betas):
         raise CommandError(f"--betas needs {len(LossWeights().betas)} values (conv1_2, conv2_2, conv3_3)")
-    return LossWeights(pixel=args.w_pixel, msssim=args.w_msssim, kt=args.w_kt, contrast=args.w_contrast, betas=tuple(args.betas))
+    return LossWeights(pixel=args.w_pixel, msssim=args.w_msssim, kt=args.w_kt, contrast=args.w_contrast,
+                       contrast_floor=args.contrast_floor, betas=tuple(args.betas))
 
 
 # ---------------------------------------------------------------- processes and devices
@@ -379,7 +382,7 @@ def active_loss_weights(loss: LossWeights, variant: Variant) -> dict:
     if not variant.knowledge_transfer:
         del weights["kt"]
     if not variant.contrast:
-        for key in ("contrast", "betas", "contrast_eps"):
+        for key in ("contrast", "betas", "contrast_floor", "contrast_eps"):
             del weights[key]
     return weights
 
