@@ -27,24 +27,13 @@ from ldct_node.config import (
     StorageSettings,
 )
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
-from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, Queue
-from ldct_node.weights import ModelCard, save_weights
 from ldct_node.worker import Worker, remove_delivered
 from tests import peers
 from tests.synthetic import ct_series
 from tests.test_send import Pacs
 
 WAIT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    settings = TSCNetConfig(width=4, num_dems=2)
-    card = ModelCard(name="test", version="0", architecture="tscnet", settings=settings.to_dict())
-    save_weights(TSCNet(settings), card, path)
-    return path
 
 
 def config(tmp_path: Path, weights: Path, destinations=(), **receive) -> Config:

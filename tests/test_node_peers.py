@@ -24,10 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGExte
 from ldct_node.config import load_config
 from ldct_node.denoise import DenoiseEngine
 from ldct_node.derive import derived_sop_uid
-from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.process import derivation_for, output_series_uid
 from ldct_node.queue import DENOISING, DONE, FAILED, SENDING, Queue
-from ldct_node.weights import ModelCard, save_weights
 from tests import peers, synthetic
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,15 +38,6 @@ REJECTED_CALLING_AE = "Calling AE Title Not Recognized"
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    settings = TSCNetConfig(width=4, num_dems=2)
-    card = ModelCard(name="test", version="0", architecture="tscnet", settings=settings.to_dict())
-    save_weights(TSCNet(settings), card, path)
-    return path
 
 
 def need(*binaries: Path) -> None:
