@@ -1,6 +1,7 @@
 """`ldct-node serve`: the whole node in one process.
 
-Start-up, in order: configuration (one-line error on a bad file) → logging → spool and queue
+Start-up, in order: configuration (one-line error on a bad file) → logging → the data directory's
+lock (one node per data directory; a second one exits with a one-line error) → spool and queue
 (restart recovery: interrupted denoising is queued again, spooled files without a row are
 re-indexed, sending resumes) → model, loaded once (one-line WeightsError if missing) →
 receiver (C-STORE SCP) → worker thread (assembly + denoise) → sender thread → HTTP
@@ -20,6 +21,8 @@ log lines on stderr (event names: "receiver listening", "series complete", "deno
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
 import signal
 import socket
@@ -40,6 +43,9 @@ from .spool import Spool
 from .worker import EngineProcessor, SeriesProcessor, Worker, remove_delivered
 
 log = get_logger(__name__)
+
+# In the data directory; the node holds an exclusive flock on it for its whole life.
+LOCK_FILE = "ldct-node.lock"
 
 
 def sd_notify(message: str) -> bool:
@@ -67,6 +73,37 @@ def watchdog_interval_s() -> float | None:
     if not usec or (pid and int(pid) != os.getpid()):
         return None
     return int(usec) / 2e6
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data directory for this process: an exclusive flock on ``<data_dir>/ldct-node.lock``,
+    which then names our pid. Two nodes on one spool and queue would denoise and send every series
+    twice and fight over retention, so a second one is refused (CommandError) before it opens
+    anything else. The lock belongs to the returned descriptor, which the caller keeps open for the
+    process's lifetime; the kernel drops it when the process ends, kill -9 included, so a stale
+    lock file never blocks a restart."""
+    path = Path(data_dir) / LOCK_FILE
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot use the data directory {data_dir}: {exc}; fix its permissions or set storage.data_dir"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise CommandError(f"cannot lock {path}: {exc.strerror}; put storage.data_dir on a file system that supports locks") from None
+        raise CommandError(
+            f"another ldct-node is already serving data directory {data_dir} (pid {holder or 'unknown'}):"
+            " stop it or use another storage.data_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Node:
@@ -191,6 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     configure_logging(cfg.log.level, cfg.log.format)
+    lock_fd = lock_data_dir(cfg.storage.data_dir)  # noqa: F841 - held open (and locked) until the process ends
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
