@@ -18,7 +18,10 @@ from ldct_train.simulate import (
     SimulationSettings,
     _upsample_sinogram,
     detector_coordinates,
+    Kernel,
+    dose_weights,
     fbp,
+    kernel_window,
     simulate_low_dose,
     simulated_description,
     view_angles,
@@ -113,12 +116,46 @@ def test_reduced_resolution_attenuation_sinogram_matches_the_full_one():
 # ---------------------------------------------------------------- noise
 
 
-def test_noise_sd_scales_like_one_over_root_dose_within_15_percent():
+def test_added_noise_sd_follows_the_dose_law_within_15_percent():
+    """A scan at dose d has 1/d the variance of its full dose; the simulation adds the difference."""
     phantom = water_cylinder()
-    sd = {dose: float(inserted_noise(phantom, dose)[central_roi()].std()) for dose in (0.25, 0.1, 0.05)}
-    for dose in (0.1, 0.05):
-        ratio = (sd[dose] / sd[0.25]) / math.sqrt(0.25 / dose)
+    sd = {dose: float(inserted_noise(phantom, dose)[central_roi()].std()) for dose in (0.5, 0.25, 0.1, 0.05)}
+    for dose in (0.25, 0.1, 0.05):
+        ratio = (sd[dose] / sd[0.5]) / math.sqrt((1 - dose) / dose)
         assert 0.85 < ratio < 1.15, (dose, sd)
+
+
+@pytest.mark.parametrize("dose", [0.05, 0.1, 0.25, 0.5])
+def test_simulated_low_dose_has_the_normal_dose_mean_in_soft_tissue_at_every_dose(dose):
+    """The bias −log(Poisson) would add grows as 1/dose; the Gaussian post-log draw has none."""
+    phantom = np.where(radius_mm() < 80.0, 40.0, -1000.0).astype(np.float32)
+    tissue = radius_mm() < 70.0
+    means = [float(inserted_noise(phantom, dose, seed=seed)[tissue].mean()) for seed in range(4)]
+    assert abs(np.mean(means)) <= 1.0, means
+
+
+def test_full_dose_adds_no_noise():
+    assert np.array_equal(inserted_noise(water_cylinder(), 1.0), np.zeros((SIZE, SIZE), np.float32))
+
+
+def test_kernels_order_the_noise_texture_from_sharp_to_smooth():
+    centre = (slice(SIZE // 2 - 48, SIZE // 2 + 48),) * 2
+    ratios = [_band_power_ratio(inserted_noise(water_cylinder(), 0.1, dataclasses.replace(CPU, kernel=k))[centre])
+              for k in ("ramp", "hamming", "smooth")]
+    assert ratios[0] < ratios[1] < ratios[2], ratios
+
+
+def test_kernel_window_is_one_at_zero_frequency_and_zero_beyond_its_cutoff():
+    window = kernel_window(64, 64, Kernel(0.5, 0.3), "cpu")
+    assert float(window[0, 0]) == 1.0
+    f = torch.sqrt(torch.fft.fftfreq(64)[:, None] ** 2 + torch.fft.rfftfreq(64)[None, :] ** 2)
+    assert float(window[f >= 0.3].abs().max()) == 0.0
+
+
+def test_dose_weights_vanish_at_full_dose_and_grow_as_dose_falls():
+    assert dose_weights(1.0) == (0.0, 0.0)
+    quantum, electronic = zip(*(dose_weights(d) for d in (0.5, 0.25, 0.05)))
+    assert list(quantum) == sorted(quantum) and list(electronic) == sorted(electronic)
 
 
 def test_electronic_noise_adds_noise_beyond_photon_statistics_at_very_low_dose():
@@ -247,10 +284,11 @@ def test_pairs_without_a_patient_is_refused(nd_tree, capsys):
     assert "--patient" in capsys.readouterr().err
 
 
-def test_default_flux_inserts_routine_noise_into_the_real_series_at_full_dose(shared_series):
-    """The calibration the default incident flux documents: about 12 HU over the liver at dose 1."""
+def test_default_flux_implies_routine_noise_for_the_real_series(shared_series):
+    """The calibration the default incident flux documents: half the dose adds the full dose's own
+    noise again, about 12 HU over the liver."""
     ds = pydicom.dcmread(shared_series / "1-061.dcm")
     hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    noise = simulate_low_dose(hu, float(ds.PixelSpacing[0]), 1.0, dataclasses.replace(CPU, views=512),
+    noise = simulate_low_dose(hu, float(ds.PixelSpacing[0]), 0.5, dataclasses.replace(CPU, views=512),
                               torch.Generator().manual_seed(0)) - hu
     assert 8.0 < noise[200:260, 120:180].std() < 18.0

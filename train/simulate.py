@@ -1,17 +1,30 @@
 """Low-dose CT simulated from normal-dose slices in the projection domain.
 
-HU → linear attenuation → parallel-beam sinogram p; photon counts at the reduced dose are drawn as
-Poisson(d·I0·e^−p) plus Gaussian electronic noise, log-transformed back to line integrals, and
-the *difference* to p is reconstructed by filtered back-projection and added to the slice. The
-normal-dose anatomy thus stays exact while the inserted noise has what real low-dose noise has
-and image-domain Gaussian noise lacks: it is correlated, streaky along photon-starved rays and
-strongest behind dense or long paths (DESIGN §5).
+HU → linear attenuation → parallel-beam sinogram p → the photon counts a full-dose ray receives,
+λ = I0·e^−p. A scan at dose fraction d receives d·λ photons plus electronic noise of SD σe, so its
+log-transformed line integrals carry noise of variance (d·λ + σe²)/(d·λ)². The normal-dose scan
+already carries the d = 1 share of it, so what the simulation *adds* is the difference:
+
+    var_added = (1 − d)/(d·λ) + (1 − d²)·σe²/(d·λ)²
+
+drawn as a zero-mean Gaussian in the sinogram (the post-log Gaussian model of low-dose noise
+insertion). Taking −log of Poisson counts instead would be biased by about (λ + σe²)/(2λ²) on every
+ray, a bias that grows as 1/d and showed up as a constant HU shift in the network trained on it;
+the Gaussian draw has mean zero at every dose by construction. The inserted noise is
+reconstructed by filtered back-projection with the plain ramp and then given the texture of a
+reconstruction kernel by a radial window in the image's 2-D spectrum (the Fourier slice theorem
+makes that the same as windowing the 1-D ramp), so one reconstruction serves every kernel.
+
+Both variance terms are linear in a unit draw: ``unit_noise_hu`` returns the reconstructed
+quantum (z/√λ) and electronic (σe·z/λ) realisations, and ``dose_weights`` scales them to any dose.
+The trainer caches a few unit realisations per slice (train/bank.py) and mixes, scales and
+filters them afresh at every step, which costs a few FFTs instead of a projection.
 
 The projector is written in torch (rotation by ``grid_sample``, summed along rows; back-projection
-by linear interpolation of each filtered view) so that it batches, runs on CUDA, and is fast enough
-to draw fresh noise for every training step. View angles are offset by half a step, which makes
-the set closed under a quarter turn and a mirror: one sampling grid serves four views, applied to
-the slice rotated by 90° and mirrored, which quarters the work.
+by linear interpolation of each filtered view) so that it batches and runs on CUDA. View angles
+are offset by half a step, which makes the set closed under a quarter turn and a mirror: one
+sampling grid serves four views, applied to the slice rotated by 90° and mirrored, which quarters
+the work.
 """
 
 from __future__ import annotations
@@ -44,9 +57,29 @@ from ldct_node.series import Instance, scan_tree, stacks
 
 from .data import load_pairs
 
-# Windows on the ramp: "hann" rolls off to zero at Nyquist like a scanner's standard soft-tissue
-# kernel, so the inserted noise has the grain of a routine abdominal reconstruction.
+# Windows on the ramp for the projector's own filtered back-projection.
 FILTERS = ("ramp", "shepp-logan", "hann")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Radial window W(f) = alpha + (1 − alpha)·cos(π f / cutoff) below the cutoff, 0 above, f in
+    cycles per pixel (Nyquist 0.5): alpha 1 is the bare ramp (the sharpest noise), 0.5 a Hann
+    roll-off (smooth); a lower cutoff smooths further."""
+
+    alpha: float
+    cutoff: float
+
+
+KERNELS = {
+    "ramp": Kernel(1.0, 0.5),  # sharp: bone / lung kernels
+    "hamming": Kernel(0.54, 0.5),
+    "hann": Kernel(0.5, 0.5),  # standard soft tissue
+    "smooth": Kernel(0.5, 0.35),  # smooth abdominal / iterative-looking
+}
+# The ranges a training sample's kernel is drawn from span the presets above.
+KERNEL_ALPHA_RANGE = (0.5, 1.0)
+KERNEL_CUTOFF_RANGE = (0.3, 0.5)
 # HU is defined so that water is 0 and air −1000.
 HU_PER_WATER = 1000.0
 
@@ -55,9 +88,9 @@ HU_PER_WATER = 1000.0
 class SimulationSettings:
     # Photons reaching one simulated detector bin (one pixel wide, the slice thick) in one view of an
     # unattenuated ray at full dose. A bin lumps several rows and views of a real detector (each
-    # about 1e5–2e5), hence the larger number: with it the inserted noise of the shared abdominal
-    # series at dose 1 is about 12 HU in the liver, that of a routine scan. Noise scales with
-    # 1/sqrt(incident_flux · views).
+    # about 1e5–2e5), hence the larger number: with it the full-dose noise this model implies for the
+    # shared abdominal series is about 12 HU in the liver, that of a routine scan, so a dose fraction
+    # d adds 12·sqrt((1 − d)/d) HU. Noise scales with 1/sqrt(incident_flux · views).
     incident_flux: float = 1.0e6
     # Standard deviation of the detector's electronic noise, in photon counts; it dominates
     # photon-starved rays at very low dose.
@@ -66,9 +99,12 @@ class SimulationSettings:
     mu_water_per_mm: float = 0.0193
     # Views over 180°; a multiple of 4 × attenuation_downsample (the symmetry the projector uses).
     views: int = 512
-    filter: str = "hann"
-    # Counts below this are clamped before the log, as scanners do for photon-starved rays.
-    count_floor: float = 1.0
+    # Reconstruction kernel of the inserted noise (a name in KERNELS): "hann" rolls off to zero at
+    # Nyquist like a scanner's standard soft-tissue kernel.
+    kernel: str = "hann"
+    # Full-dose counts are floored here before the variance is formed: rays through metal would
+    # otherwise get unbounded noise, where scanners clamp and pre-filter photon-starved rays.
+    count_floor: float = 20.0
     # The attenuation sinogram only sets the photon counts, which vary smoothly along the detector,
     # so it is computed at this reduced resolution (1: full); noise is drawn at full resolution.
     attenuation_downsample: int = 2
@@ -91,7 +127,7 @@ def validate_settings(settings: SimulationSettings) -> None:
         (s.attenuation_downsample in (1, 2), "attenuation_downsample must be 1 or 2"),
         (s.views > 0 and s.views % (4 * s.attenuation_downsample) == 0,
          f"views must be a positive multiple of {4 * s.attenuation_downsample}"),
-        (s.filter in FILTERS, f"filter must be one of {', '.join(FILTERS)}"),
+        (s.kernel in KERNELS, f"kernel must be one of {', '.join(KERNELS)}"),
         (s.count_floor > 0, "count_floor must be positive"),
         (s.slices_per_batch >= 1, "slices_per_batch must be at least 1"),
         (s.memory_budget_mb >= 1, "memory_budget_mb must be at least 1"),
@@ -265,22 +301,61 @@ def _pad_to_square(hu: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return fill, (top, left)
 
 
-def simulated_noise_hu(hu: torch.Tensor, pixel_mm: float, dose: float, settings: SimulationSettings,
-                       generator: torch.Generator | None, projector: ParallelBeamProjector) -> torch.Tensor:
-    """The noise, in HU, that dose fraction ``dose`` adds to square slices (B, N, N)."""
+def full_dose_counts(hu: torch.Tensor, pixel_mm: float, settings: SimulationSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected photons per ray of square slices (B, N, N) at full dose, floored, and the mask of
+    pixels outside the field of view."""
     outside = outside_field_of_view(hu, settings.outside_fov_below_hu)
     mu = hu_to_mu(hu, settings.mu_water_per_mm, outside)
     factor = settings.attenuation_downsample
     coarse_mu = F.avg_pool2d(mu.unsqueeze(1), factor)[:, 0] if factor > 1 else mu
     coarse = ParallelBeamProjector(coarse_mu.shape[-1], settings.views // factor, hu.device, settings.memory_budget_mb)
     line_integrals = _upsample_sinogram(coarse.project(coarse_mu) * (pixel_mm * factor), factor)
-    expected = dose * settings.incident_flux * torch.exp(-line_integrals)
-    counts = torch.poisson(expected, generator=generator)
-    if settings.electronic_noise > 0:
-        counts = counts + settings.electronic_noise * torch.randn(counts.shape, generator=generator, device=counts.device)
-    low_dose = -torch.log(counts.clamp(min=settings.count_floor) / (dose * settings.incident_flux))
-    noise_mu = fbp(projector, low_dose - line_integrals, settings.filter, pixel_mm)
-    noise = noise_mu * (HU_PER_WATER / settings.mu_water_per_mm)
+    counts = settings.incident_flux * torch.exp(-line_integrals)
+    return counts.clamp(min=settings.count_floor), outside
+
+
+def unit_noise_hu(counts: torch.Tensor, outside: torch.Tensor, pixel_mm: float, settings: SimulationSettings,
+                  generator: torch.Generator | None, projector: ParallelBeamProjector) -> tuple[torch.Tensor, torch.Tensor]:
+    """One quantum (z/√λ) and one electronic (σe·z/λ) realisation, reconstructed with the bare ramp, in HU."""
+    def reconstruct(sino: torch.Tensor) -> torch.Tensor:
+        noise = fbp(projector, sino, "ramp", pixel_mm) * (HU_PER_WATER / settings.mu_water_per_mm)
+        return torch.where(outside, torch.zeros_like(noise), noise)
+
+    draw = lambda: torch.randn(counts.shape, generator=generator, device=counts.device)  # noqa: E731
+    quantum = reconstruct(draw() / counts.sqrt())
+    electronic = reconstruct(draw() * settings.electronic_noise / counts)
+    return quantum, electronic
+
+
+def dose_weights(dose: float) -> tuple[float, float]:
+    """Scales of the quantum and electronic unit realisations whose sum is the noise that dose
+    fraction ``dose`` adds to its full-dose scan (zero at dose 1)."""
+    return math.sqrt((1.0 - dose) / dose), math.sqrt(1.0 - dose * dose) / dose
+
+
+def kernel_window(height: int, width: int, kernel: Kernel, device) -> torch.Tensor:
+    """The kernel's radial window on the rfft2 grid of a (height, width) image."""
+    fy = torch.fft.fftfreq(height, device=device)[:, None]
+    fx = torch.fft.rfftfreq(width, device=device)[None, :]
+    f = torch.sqrt(fy * fy + fx * fx)
+    window = kernel.alpha + (1.0 - kernel.alpha) * torch.cos(math.pi * f / kernel.cutoff)
+    return torch.where(f < kernel.cutoff, window, torch.zeros_like(window))
+
+
+def apply_kernel(noise: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    """Ramp-reconstructed noise (..., H, W) with the texture of ``kernel``."""
+    height, width = noise.shape[-2:]
+    spectrum = torch.fft.rfft2(noise) * kernel_window(height, width, kernel, noise.device)
+    return torch.fft.irfft2(spectrum, s=(height, width))
+
+
+def simulated_noise_hu(hu: torch.Tensor, pixel_mm: float, dose: float, settings: SimulationSettings,
+                       generator: torch.Generator | None, projector: ParallelBeamProjector) -> torch.Tensor:
+    """The noise, in HU, that dose fraction ``dose`` adds to square full-dose slices (B, N, N)."""
+    counts, outside = full_dose_counts(hu, pixel_mm, settings)
+    quantum, electronic = unit_noise_hu(counts, outside, pixel_mm, settings, generator, projector)
+    w_quantum, w_electronic = dose_weights(dose)
+    noise = apply_kernel(w_quantum * quantum + w_electronic * electronic, KERNELS[settings.kernel])
     return torch.where(outside, torch.zeros_like(noise), noise)
 
 
@@ -440,13 +515,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SimulationSettings()
     parser.add_argument("nd_dir", type=Path, metavar="ND_DIR", help="folder tree of normal-dose CT series (DICOM)")
     parser.add_argument("ld_dir", type=Path, metavar="LD_DIR", help="receives the simulated series, same file layout and names")
-    parser.add_argument("--dose", type=float, required=True, help="dose fraction in (0, 1], e.g. 0.05 for 5 %%")
+    parser.add_argument("--dose", type=float, required=True, help="dose fraction of the normal-dose scan in (0, 1], e.g. 0.25 for a quarter dose")
     parser.add_argument("--flux", type=float, default=defaults.incident_flux,
                         help="incident photons per detector bin and view at full dose (default %(default)g)")
     parser.add_argument("--electronic-noise", type=float, default=defaults.electronic_noise,
                         help="electronic noise SD in photon counts (default %(default)g)")
     parser.add_argument("--views", type=int, default=defaults.views, help="projection views over 180 degrees (default %(default)d)")
-    parser.add_argument("--filter", choices=FILTERS, default=defaults.filter, help="reconstruction filter (default %(default)s)")
+    parser.add_argument("--kernel", choices=tuple(KERNELS), default=defaults.kernel,
+                        help="reconstruction kernel of the inserted noise, sharp (ramp) to smooth (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same output (default 0)")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
     parser.add_argument("--pairs", type=Path, help="pairs TOML file to create or extend with the new pairs")
@@ -455,7 +531,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> SimulationSettings:
     settings = dataclasses.replace(SimulationSettings(), incident_flux=args.flux, electronic_noise=args.electronic_noise,
-                                   views=args.views, filter=args.filter, device=args.device)
+                                   views=args.views, kernel=args.kernel, device=args.device)
     validate_settings(settings)
     return settings
 
