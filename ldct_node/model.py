@@ -13,6 +13,7 @@ fields of :class:`TSCNetConfig`, stored in each weights file's model card.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,11 @@ class TSCNetConfig:
     use_dem: bool = True
     se_reduction: int = 4
     feature_index: int = 1  # which DEM's output feeds knowledge transfer (the second)
+    # Gaussian σ in pixels of the low-pass removed from the predicted correction (0: off). Noise
+    # reconstructed by filtered back-projection has almost no power at these scales (the ramp), so
+    # a correction's low-frequency part is a shift or shading, never noise removal: taking it out
+    # keeps mean HU and large-scale contrast exactly as scanned on any vendor's images.
+    correction_highpass_sigma_px: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,6 +155,16 @@ class ResidualBlock(nn.Module):
         return x + self.conv2(F.relu(self.conv1(x)))
 
 
+def gaussian_lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, 1, H, W), edges replicated."""
+    radius = int(math.ceil(3.0 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+
+
 def _conv_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, KERNEL, stride=stride, padding=1), nn.ReLU(inplace=True))
 
@@ -197,7 +213,10 @@ class TSCNet(nn.Module):
             features.append(h)
         d1 = self.dec1(torch.cat([self.up2(h), e1], dim=1))
         d0 = self.dec0(torch.cat([self.up1(d1), e0], dim=1))
-        out = x[:, mid : mid + 1] + self.head(d0)
+        correction = self.head(d0)
+        if self.config.correction_highpass_sigma_px > 0:
+            correction = correction - gaussian_lowpass(correction, self.config.correction_highpass_sigma_px)
+        out = x[:, mid : mid + 1] + correction
         return (out, features) if return_features else out
 
 

@@ -14,6 +14,7 @@ from ldct_node.model import (
     TSCNetConfig,
     _deform_conv_gather,
     build_model,
+    gaussian_lowpass,
     modulated_deform_conv,
 )
 
@@ -102,3 +103,20 @@ def test_build_model_knows_both_architectures():
 
 def test_redcnn_keeps_shape():
     assert REDCNN(REDCNNConfig(width=8))(torch.rand(1, 1, 20, 24)).shape == (1, 1, 20, 24)
+
+
+def test_highpass_correction_cannot_shift_the_mean_or_add_shading():
+    """A head that predicts a constant offset plus a smooth ramp: the high-pass takes both out."""
+    net = TSCNet(TSCNetConfig(width=4, num_dems=2, correction_highpass_sigma_px=4.0)).eval()
+    torch.nn.init.zeros_(net.head.weight)
+    torch.nn.init.constant_(net.head.bias, 0.01)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        out = net(x)
+    assert float((out - x).abs().max()) < 1e-6
+
+
+def test_highpass_keeps_fine_corrections():
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1.0
+    fine = checker[None, None].float()
+    assert float(gaussian_lowpass(fine, 4.0)[..., 8:-8, 8:-8].abs().max()) < 1e-3
