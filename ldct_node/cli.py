@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "queue": ("ldct_node.admin", "list, retry or purge the node's jobs"),
     "echo": ("ldct_node.echo", "C-ECHO the configured destinations"),
     "simulate": ("ldct_train.simulate", "simulate low-dose CT from normal-dose DICOM in the projection domain"),
+    "prepare": ("ldct_train.bank", "prepare the training noise bank from a local copy of the manifest's data"),
     "train": ("ldct_train.trainer", "two-stage teacher-student training"),
     "evaluate": ("ldct_train.evaluate", "evaluation report on a held-out set"),
 }

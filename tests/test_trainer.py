@@ -152,8 +152,8 @@ def test_teacher_must_match_the_student_for_knowledge_transfer():
     (("--val-fraction", "0.6", "--test-fraction", "0.5"), "sum to less than 1"),
     (("--variant", "B", "--in-slices", "2"), "in_slices must be odd"),
     (("--variant", "B", "--width", "0"), "at least 1"),
-    (("--fresh-dose", "0.05", "--patch-size", "16"), "leave out --patch-size"),
-    (("--fresh-dose", "1.5"), "dose fraction"),
+    (("--dose-range", "0.5,0.05"), "--dose-range"),
+    (("--dose-range", "0.05,1.5"), "--dose-range"),
 ])
 def test_impossible_counts_are_refused_before_any_data_is_read(argv, message):
     with pytest.raises(CommandError, match=message):
@@ -229,8 +229,8 @@ def test_teacher_stage_learns_normal_to_normal_and_redcnn_trains_on_the_same_dat
     seen = []
     original = trainer.Trainer._inputs
 
-    def spy(self, batch, fresh=None):
-        x, normal, ld, nd = original(self, batch, fresh)
+    def spy(self, batch):
+        x, normal, ld, nd = original(self, batch)
         seen.append((self.recipe.stage, torch.equal(x, normal)))
         return x, normal, ld, nd
 
@@ -286,31 +286,3 @@ def test_card_data_file_is_merged_into_the_model_card(pairs, tmp_path):
     data = load_weights(out / "last.safetensors").card.data
     assert data["dose_fraction"] == 0.05 and data["citation"].startswith("TCIA")
     assert data["slices"] == {"train": 2 * SLICES, "val": SLICES}
-
-
-def test_fresh_noise_draws_a_new_low_dose_realisation_every_epoch(tmp_path, monkeypatch):
-    pairs = make_pairs(tmp_path / "data", noise_hu=0.0)  # normal-dose only: low = normal
-    inputs = []
-    original = trainer.Trainer._inputs
-
-    def spy(self, batch, fresh=None):
-        x, normal, ld, nd = original(self, batch, fresh)
-        if fresh is not None:
-            inputs.append((self.epoch, (ld - nd).abs().mean().item(), ld.clone()))
-        return x, normal, ld, nd
-
-    validation = []
-    simulate_pair = trainer.Trainer._simulate_pair
-    monkeypatch.setattr(trainer.Trainer, "_simulate_pair", lambda self, pair: validation.append(simulate_pair(self, pair)) or validation[-1])
-    monkeypatch.setattr(trainer.Trainer, "_inputs", spy)
-    out = tmp_path / "f"
-    assert train("student", "--variant", "A", "--width", "4", "--data", pairs, "--out", out, "--epochs", 2,
-                 "--batch-size", 8, "--no-augment", "--fresh-dose", "0.05") == 0
-    (e0, noise0, first), (e1, noise1, second) = inputs
-    assert (e0, e1) == (0, 1) and noise0 > 0 and noise1 > 0  # the simulator added noise to the normal-dose slices
-    assert not torch.equal(first, second)  # and different noise each epoch
-    card = load_weights(out / "last.safetensors").card
-    assert card.training["fresh_noise"]["dose"] == 0.05
-    # validation runs on one simulated low-dose realisation, not on the noiseless copy in the pairs
-    (val_pair,) = validation
-    assert val_pair.patient == "P2" and np.abs(val_pair.low - val_pair.normal).mean() > 0

@@ -4,7 +4,7 @@
     ldct-node train student --teacher runs/t/best.safetensors --data pairs.toml --out runs/s
     ldct-node train student --variant B --data pairs.toml --out runs/b        # ablation A/B/C/D
     ldct-node train redcnn --data pairs.toml --out runs/red                   # baseline, same data and loop
-    ldct-node train student --variant A --fresh-dose 0.05 ...                 # new simulated noise every step
+    ldct-node train student --data BANK ...                                   # noise bank: fresh low dose every step
     torchrun --nproc_per_node 4 -m ldct_node.cli train student ...            # DDP, one process per GPU
     torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 4 -m ldct_node.cli train ...
 
@@ -45,10 +45,10 @@ from ldct_node.denoise import resolve_device
 from ldct_node.model import REDCNNConfig, TSCNetConfig, build_model
 from ldct_node.weights import InputScaling, ModelCard, load_weights, read_card, save_weights
 
-from .data import PairedSlices, ScaledPair, assign_splits, load_pairs, load_scaled_pairs
+from .data import PairedSlices, assign_splits, load_pairs, load_scaled_pairs
 from .losses import LossInputs, LossWeights, total_loss
 from .metrics import HU_FULL, psnr
-from .simulate import SimulationSettings, simulate_low_dose
+from .bank import DOSE_RANGE, KERNEL_ALPHA_RANGE, KERNEL_CUTOFF_RANGE, REPORT_DOSES, VALIDATION_KERNEL, BankSlices, describe_bank, is_bank, load_bank
 from .vgg import load_vgg
 
 log = get_logger("ldct_train.trainer")
@@ -110,8 +110,8 @@ class DataOptions:
     # Seeds only the patient split, apart from --seed, so that changing the training seed never moves
     # patients between train and test (evaluate assigns splits with the same default).
     split_seed: int = 0
-    # Dose fraction for fresh simulated low-dose noise every step (None: the pairs' low-dose volumes).
-    fresh_dose: float | None = None
+    # With a noise bank as --data: the dose fractions each training sample's dose is drawn from.
+    dose_range: tuple[float, float] = DOSE_RANGE
 
 
 # ---------------------------------------------------------------- command line
@@ -119,7 +119,8 @@ class DataOptions:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage", choices=STAGES, help="teacher (stage 1, NDCT→NDCT), student (stage 2) or the redcnn baseline")
-    parser.add_argument("--data", type=Path, required=True, help="pairs file (TOML) naming low-/normal-dose volumes")
+    parser.add_argument("--data", type=Path, required=True, help="pairs file (TOML) naming low-/normal-dose volumes, or a noise "
+                        "bank folder (`ldct-node prepare`) from which every step draws fresh simulated low dose")
     parser.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, best weights and metrics")
     parser.add_argument("--teacher", type=Path, help="frozen teacher weights for knowledge transfer (student variants C, D)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=f"student ablation variant (default {DEFAULT_VARIANT}): "
@@ -135,9 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--patch-size", type=int, help="train on random square patches of this size (default: full slices)")
     data.add_argument("--patches-per-epoch", type=int, help="patches drawn per epoch (default: one per training slice)")
     data.add_argument("--no-augment", action="store_true", help="switch off rotations by 90/180/270 and horizontal flips")
-    data.add_argument("--fresh-dose", type=float, help="draw a new simulated low-dose realisation (ldct-node simulate's "
-                      "projection-domain model) of every training slice at this dose fraction each step; full slices only; "
-                      "validation uses one fixed realisation")
+    data.add_argument("--dose-range", type=parse_float_list, default=DOSE_RANGE,
+                      help="with a noise bank: lowest,highest dose fraction drawn per sample (default 0.05,0.5)")
     data.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never; then no best.safetensors)")
     data.add_argument("--val-fraction", type=float, default=DataOptions.val_fraction, help="share of patients without a split that go to validation")
     data.add_argument("--test-fraction", type=float, default=DataOptions.test_fraction, help="share of patients without a split held out for testing")
@@ -148,6 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arch.add_argument("--in-slices", type=int, help="slices fed to the network (odd; 3 adds both neighbours)")
     arch.add_argument("--width", type=int, help="channels at full resolution")
     arch.add_argument("--num-dems", type=int, help="dynamic enhancement modules (TSC-Net)")
+    arch.add_argument("--highpass-sigma", type=float, help="Gaussian σ in pixels of the low-pass taken out of TSC-Net's "
+                      "correction (0: off), so that the network cannot shift mean HU or add shading")
     loss = parser.add_argument_group("loss weights")
     defaults = LossWeights()
     loss.add_argument("--w-pixel", type=float, default=defaults.pixel, help="smooth L1")
@@ -215,10 +217,12 @@ def resolve_variant(stage: str, variant: str | None) -> tuple[str, Variant]:
 def resolve_architecture(stage: str, variant: Variant, args: argparse.Namespace, teacher_settings: dict | None) -> dict:
     """Network settings: the teacher's (a student must match it for knowledge transfer) or the
     model defaults, then the command-line overrides, then the variant's DEM switch."""
-    overrides = {k: v for k, v in (("in_slices", args.in_slices), ("width", args.width), ("num_dems", args.num_dems)) if v is not None}
+    overrides = {k: v for k, v in (("in_slices", args.in_slices), ("width", args.width), ("num_dems", args.num_dems),
+                                   ("correction_highpass_sigma_px", args.highpass_sigma)) if v is not None}
     if stage == "redcnn":
-        if "num_dems" in overrides:
-            raise CommandError("--num-dems applies to TSC-Net only, not to redcnn")
+        for key, flag in (("num_dems", "--num-dems"), ("correction_highpass_sigma_px", "--highpass-sigma")):
+            if key in overrides:
+                raise CommandError(f"{flag} applies to TSC-Net only, not to redcnn")
         return dataclasses.replace(REDCNNConfig(), **overrides).to_dict()
     base = TSCNetConfig.from_dict(teacher_settings) if teacher_settings else TSCNetConfig()
     return dataclasses.replace(base, **overrides, use_dem=variant.use_dem).to_dict()
@@ -331,22 +335,6 @@ def load_split_data(pairs_path: Path, options: DataOptions, scaling: InputScalin
     return loaded, description
 
 
-def simulated_low(normal: torch.Tensor, pixel_mm: float, dose: float, scaling: InputScaling,
-                  generator: torch.Generator) -> torch.Tensor:
-    """A low-dose realisation of normal-dose slices (S, H, W) in network units, same units back."""
-    hu = simulate_low_dose(scaling.to_hu(normal.float()), pixel_mm, dose, generator=generator)
-    return scaling.to_unit(hu)
-
-
-TRAINING_NOISE, VALIDATION_NOISE = 0, 1
-
-
-def noise_seed(*keys: int) -> int:
-    """A generator seed from (run seed, stream, epoch, rank ...): distinct noise for each, the same
-    again on resume."""
-    return int(np.random.SeedSequence(keys).generate_state(1)[0])
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -371,8 +359,9 @@ class Recipe:
             "architecture": self.architecture, "settings": self.settings, "schedule": dataclasses.asdict(self.schedule),
             "loss_weights": active_loss_weights(self.loss, self.variant), "data": dataclasses.asdict(self.data), "seed": self.seed, "amp": self.amp,
             "augmentation": "random rotation by 0/90/180/270 degrees and horizontal flip" if self.data.augment else "none",
-            "fresh_noise": None if self.data.fresh_dose is None else
-            {"dose": self.data.fresh_dose, "simulation": dataclasses.asdict(SimulationSettings())},
+            "noise_bank_draws": {"dose_range": list(self.data.dose_range), "dose_distribution": "log-uniform",
+                                 "kernel_alpha_range": list(KERNEL_ALPHA_RANGE), "kernel_cutoff_range_cycles_per_pixel": list(KERNEL_CUTOFF_RANGE),
+                                 "validation_doses": list(REPORT_DOSES), "validation_kernel": dataclasses.asdict(VALIDATION_KERNEL)},
         }
 
 
@@ -420,15 +409,9 @@ class Trainer:
         if recipe.variant.knowledge_transfer:
             self.teacher, self.teacher_info = self._load_teacher(files.teacher)
         self.vgg = load_vgg(files.vgg, device) if recipe.variant.contrast else None
-        splits, described = load_split_data(files.pairs, recipe.data, self.scaling)
+        self.train_set, self.val_set, described = self._datasets(files.pairs, recipe)
         # What the trainer measured wins over what the caller describes.
         self.data_description = {**files.card_data, **described}
-        if recipe.data.fresh_dose is not None:
-            splits["val"] = [self._simulate_pair(p) for p in splits["val"]]
-        in_slices = recipe.settings["in_slices"]
-        self.train_set = PairedSlices(splits["train"], in_slices, recipe.data.patch_size, recipe.data.patches_per_epoch,
-                                      augment=recipe.data.augment, seed=recipe.seed)
-        self.val_set = PairedSlices(splits["val"], in_slices) if splits["val"] and self.val_every > 0 else None
         if self.val_every > 0 and self.val_set is None:
             raise CommandError("no validation pairs: mark a pair (or a slices slab of one patient) split = \"val\", "
                                "raise --val-fraction, or pass --val-every 0 to train without validation")
@@ -457,12 +440,24 @@ class Trainer:
         loaded.model.requires_grad_(False)
         return loaded.model.eval(), {"path": str(loaded.path), "model": loaded.card.model_id, "sha256": loaded.card.sha256}
 
-    def _simulate_pair(self, pair: ScaledPair) -> ScaledPair:
-        """The pair with its low-dose volume replaced by one seeded simulation (for validation)."""
-        generator = torch.Generator(self.device).manual_seed(noise_seed(self.recipe.seed, VALIDATION_NOISE))
-        normal = torch.from_numpy(pair.normal).to(self.device)
-        low = simulated_low(normal, pair.pixel_mm, self.recipe.data.fresh_dose, self.scaling, generator)
-        return dataclasses.replace(pair, low=low.cpu().numpy())
+    def _datasets(self, data: Path, recipe: Recipe):
+        """(training set, validation set or None, data description) from a pairs file or a noise bank."""
+        in_slices, options = recipe.settings["in_slices"], recipe.data
+        validating = self.val_every > 0
+        if is_bank(data):
+            if in_slices != 1:
+                raise CommandError("a noise bank holds single slices: train with --in-slices 1")
+            train = BankSlices(load_bank(data, "train"), self.scaling, options.patch_size, options.patches_per_epoch,
+                               augment=options.augment, seed=recipe.seed, dose_range=options.dose_range)
+            val = BankSlices(load_bank(data, "val"), self.scaling, seed=recipe.seed) if validating else None
+            described = describe_bank(data)
+            described["slices"] = {"train": len(train.slices), "val": len(val.slices) if val else 0}
+            return train, val, described
+        splits, described = load_split_data(data, options, self.scaling)
+        train = PairedSlices(splits["train"], in_slices, options.patch_size, options.patches_per_epoch,
+                             augment=options.augment, seed=recipe.seed)
+        val = PairedSlices(splits["val"], in_slices) if splits["val"] and validating else None
+        return train, val, described
 
     # -------------------------------------------------------- resume state
 
@@ -499,14 +494,10 @@ class Trainer:
 
     # -------------------------------------------------------- one step
 
-    def _inputs(self, batch: dict, fresh: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(network input, normal stack, low-dose middle slice, normal-dose middle slice); with a
-        ``fresh`` generator the low-dose stack is simulated anew from the normal-dose one."""
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(network input, normal stack, low-dose middle slice, normal-dose middle slice)."""
         low = batch["low"].to(self.device, non_blocking=True)
         normal = batch["normal"].to(self.device, non_blocking=True)
-        if fresh is not None:
-            low = torch.stack([simulated_low(n, float(mm), self.recipe.data.fresh_dose, self.scaling, fresh)
-                               for n, mm in zip(normal, batch["pixel_mm"])])
         mid = low.shape[1] // 2
         # Stage 1 learns to reproduce the normal-dose image from itself.
         x = normal if self.recipe.stage == "teacher" else low
@@ -515,8 +506,8 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def _step(self, batch: dict, fresh: torch.Generator | None) -> dict[str, float]:
-        x, normal, ld, nd = self._inputs(batch, fresh)
+    def _step(self, batch: dict) -> dict[str, float]:
+        x, normal, ld, nd = self._inputs(batch)
         feature_index = self.recipe.settings.get("feature_index", 0)
         with self._autocast():
             rec, features = self.net(x, return_features=True)
@@ -544,15 +535,12 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
         self.net.train()
-        fresh = None
-        if self.recipe.data.fresh_dose is not None:
-            fresh = torch.Generator(self.device).manual_seed(noise_seed(self.recipe.seed, TRAINING_NOISE, self.epoch, self.procs.rank))
         sums: dict[str, float] = {}
         steps = 0
         bar = tqdm(self.loader, desc=f"{self.recipe.stage} epoch {self.epoch + 1}/{self.recipe.schedule.epochs}",
                    disable=not self.procs.is_main, dynamic_ncols=True, unit="batch")
         for batch in bar:
-            parts = self._step(batch, fresh)
+            parts = self._step(batch)
             steps += 1
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -688,9 +676,8 @@ def check_counts(args: argparse.Namespace) -> None:
         (args.workers >= 0, "--workers must be 0 or more"),
         (args.patches_per_epoch is None or args.patches_per_epoch >= 1, "--patches-per-epoch must be at least 1"),
         (args.patches_per_epoch is None or args.patch_size is not None, "--patches-per-epoch needs --patch-size"),
-        (args.fresh_dose is None or 0 < args.fresh_dose <= 1, "--fresh-dose must be a dose fraction in (0, 1]"),
-        (args.fresh_dose is None or args.patch_size is None, "--fresh-dose simulates whole slices: leave out --patch-size"),
-        (args.fresh_dose is None or args.stage != "teacher", "--fresh-dose makes no sense for the teacher, which never sees low dose"),
+        (len(args.dose_range) == 2 and 0 < args.dose_range[0] <= args.dose_range[1] < 1,
+         "--dose-range must be two dose fractions low,high with 0 < low <= high < 1"),
         (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1,
          "--val-fraction and --test-fraction must lie in [0, 1) and sum to less than 1"),
     ]
@@ -711,7 +698,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     check_buildable(ARCHITECTURES[args.stage], settings)
     data = DataOptions(patch_size=args.patch_size, patches_per_epoch=args.patches_per_epoch, augment=not args.no_augment,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction, workers=args.workers,
-                       split_seed=args.split_seed, fresh_dose=args.fresh_dose)
+                       split_seed=args.split_seed, dose_range=tuple(args.dose_range))
     return Recipe(stage=args.stage, variant_name=variant_name, variant=variant, architecture=ARCHITECTURES[args.stage],
                   settings=settings, schedule=resolve_schedule(args.stage, args), loss=loss_weights_from(args),
                   data=data, seed=args.seed, amp=not args.no_amp)
