@@ -23,6 +23,8 @@ APP_NAME = "ldct-node"
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+# At half the spacing a slice 1.5 steps away would match two neighbour offsets at once.
+MAX_NEIGHBOUR_TOLERANCE = 0.5
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,12 @@ class InferenceSettings:
     # Vendors fill outside the reconstruction circle with -2000 or -3024 HU without always
     # declaring PixelPaddingValue; anything at or below this is treated as outside the field of view.
     outside_fov_below_hu: float = -1500.0
+    # Models with in_slices > 1 see the slices before and after as extra channels; one enters only
+    # when its distance along the slice normal is the stack's spacing (median step) within this
+    # fraction of it, else the middle slice stands in, as at the volume's ends. A gap, a duplicate
+    # or a subset re-send is at least 100 % off; positions written to 0.1 mm on 0.625 mm slices
+    # are up to 16 % off and must still count as adjacent; below 0.5 no slice can match two offsets.
+    neighbour_tolerance: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,8 @@ def validate(cfg: Config) -> None:
     need(cfg.inference.threads >= 0, "inference.threads", "must be 0 (default) or more")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.inference.device) is not None,
          "inference.device", "must be auto, cpu, cuda or cuda:N")
+    need(0 <= cfg.inference.neighbour_tolerance < MAX_NEIGHBOUR_TOLERANCE, "inference.neighbour_tolerance",
+         f"must be >= 0 and < {MAX_NEIGHBOUR_TOLERANCE} (a fraction of the slice spacing)")
     # UID components are digits without leading zeros (PS3.5 9.1); derived UIDs append to the root.
     need(re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", cfg.derive.uid_root) is not None
          and len(cfg.derive.uid_root) <= 32,

@@ -9,6 +9,7 @@ the field of view) come back exactly as they were.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,78 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def neighbour_indices(num_slices: int, in_slices: int) -> np.ndarray:
-    """(num_slices, in_slices) slice indices centred on each slice, repeating the end slices at the volume's edges."""
+# Positions closer than this are one slice written twice (DS values carry about a micrometre); the
+# projection on the slice normal adds float noise far below it.
+SAME_POSITION_MM = 1e-3
+
+
+def slice_spacing(positions: Sequence[float | None]) -> float | None:
+    """The stack's spacing: the median of the positive steps between consecutive known positions
+    (sorted); None when fewer than two distinct positions are known."""
+    known = np.sort(np.array([p for p in positions if p is not None], dtype=np.float64))
+    steps = np.diff(known)
+    steps = steps[steps > SAME_POSITION_MM]
+    return float(np.median(steps)) if steps.size else None
+
+
+def _adjacent_slice(sorted_pos: np.ndarray, sorted_idx: np.ndarray, target: float, window: float) -> int | None:
+    """The slice (input index) nearest to target within ±window; ties go to the lower index, so a
+    chunk that holds the whole stack's choice chooses the same."""
+    lo = np.searchsorted(sorted_pos, target - window, side="left")
+    hi = np.searchsorted(sorted_pos, target + window, side="right")
+    if lo >= hi:
+        return None
+    candidates = sorted_idx[lo:hi]
+    distance = np.abs(sorted_pos[lo:hi] - target)
+    return int(candidates[np.lexsort((candidates, distance))[0]])
+
+
+def neighbour_indices(
+    slices: int | Sequence[float | None],
+    in_slices: int,
+    tolerance: float = InferenceSettings.neighbour_tolerance,
+    spacing: float | None = None,
+) -> np.ndarray:
+    """(num_slices, in_slices) input indices: each slice's neighbours along the slice normal, in channel order.
+
+    slices: the slice positions in mm (ImagePositionPatient on the normal, None when unknown) in
+    any order, or an int n for n slices known to be contiguous and in order (a training volume),
+    which gives index ± k with the end slices repeated. Channel radius + k holds the slice at
+    position + k·spacing when it lies within tolerance·spacing of it and channel radius + k − 1 was
+    filled the same way; otherwise the slice of channel radius + k − 1 repeats (for k = 1, the middle
+    slice itself), exactly as the end slices repeat at a volume's edges. Duplicated positions
+    (distance 0), gaps and slices without a position thus never enter as neighbours. spacing: the
+    whole stack's spacing when these slices are a chunk of it (default: slice_spacing(slices)).
+    """
+    if isinstance(slices, (int, np.integer)):
+        return _contiguous_neighbours(int(slices), in_slices)
+    positions = list(slices)
+    count, radius = len(positions), in_slices // 2
+    out = np.repeat(np.arange(count)[:, None], in_slices, axis=1)
+    spacing = slice_spacing(positions) if spacing is None else spacing
+    if radius == 0 or spacing is None:
+        return out
+    known = np.array([p is not None for p in positions], dtype=bool)
+    pos = np.array([np.nan if p is None else p for p in positions], dtype=np.float64)
+    order = np.argsort(pos[known], kind="stable")
+    sorted_pos, sorted_idx = pos[known][order], np.flatnonzero(known)[order]
+    for i in np.flatnonzero(known):
+        for side in (-1, 1):
+            current, adjacent = int(i), True
+            for k in range(1, radius + 1):
+                target = pos[i] + side * k * spacing
+                found = _adjacent_slice(sorted_pos, sorted_idx, target, tolerance * spacing) if adjacent else None
+                adjacent = found is not None
+                current = found if adjacent else current
+                out[i, radius + side * k] = current
+    return out
+
+
+def _contiguous_neighbours(count: int, in_slices: int) -> np.ndarray:
+    """neighbour_indices for slices known to be contiguous and in order: index ± k, ends repeated."""
     radius = in_slices // 2
-    idx = np.arange(num_slices)[:, None] + np.arange(-radius, radius + 1)[None, :]
-    return np.clip(idx, 0, num_slices - 1)
+    idx = np.arange(count)[:, None] + np.arange(-radius, radius + 1)[None, :]
+    return np.clip(idx, 0, count - 1)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -67,6 +135,7 @@ class DenoiseEngine:
         self.batch_size = settings.batch_size
         self.chunk_slices = settings.chunk_slices
         self.outside_fov_below_hu = settings.outside_fov_below_hu
+        self.neighbour_tolerance = settings.neighbour_tolerance
         self.mixed_precision = settings.mixed_precision and self.device.type == "cuda"
 
     @classmethod
@@ -74,17 +143,29 @@ class DenoiseEngine:
         """Load weights (None: the shipped student) straight onto the configured device."""
         return cls(load_weights(path, resolve_device(settings.device)), settings)
 
-    def denoise_hu(self, hu: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        """hu: (S, H, W) slices of one stack in order; keep: pixels to return unchanged.
+    def denoise_hu(
+        self,
+        hu: np.ndarray,
+        keep: np.ndarray | None = None,
+        positions: Sequence[float | None] | None = None,
+        spacing: float | None = None,
+    ) -> np.ndarray:
+        """hu: (S, H, W) slices of one stack; keep: pixels to return unchanged.
 
-        Returns float64 HU of the same shape.
+        positions: each slice's position along the slice normal (mm, None when unknown); a
+        neighbour enters only when it is adjacent (see neighbour_indices). None: the slices are
+        known to be contiguous and in order (index ± k). spacing: the whole stack's spacing when
+        hu is a chunk of it. Returns float64 HU of the same shape.
         """
         hu = np.asarray(hu, dtype=np.float64)
         if hu.ndim != 3:
             raise ValueError("denoise_hu expects a (slices, rows, columns) stack")
+        if positions is not None and len(positions) != hu.shape[0]:
+            raise ValueError(f"denoise_hu got {len(positions)} positions for {hu.shape[0]} slices")
         net_input = hu if keep is None else np.where(keep, self.scaling.hu_min, hu)
         unit = torch.from_numpy(self.scaling.to_unit(net_input).astype(np.float32))
-        neighbours = neighbour_indices(hu.shape[0], self.in_slices)
+        slices = hu.shape[0] if positions is None else positions
+        neighbours = neighbour_indices(slices, self.in_slices, self.neighbour_tolerance, spacing)
         correction = np.empty(hu.shape, dtype=np.float32)
         for start in range(0, hu.shape[0], self.batch_size):
             idx = neighbours[start : start + self.batch_size]

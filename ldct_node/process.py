@@ -4,7 +4,9 @@ This is the shared middle of the data path: ``ldct-node denoise`` calls it for e
 finds in a folder tree, the daemon's worker for each series the queue hands it. A series is
 split into stacks of equal matrix size (series.stacks), each stack is read and denoised in
 chunks of slices (with the neighbour slices the network needs on either side), so memory stays
-bounded for total-body series of thousands of slices.
+bounded for total-body series of thousands of slices. Neighbours are chosen once per stack from
+the slice positions (denoise.neighbour_indices: only adjacent slices), and each chunk reads every
+slice its kept slices need.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Callable
 import numpy as np
 import pydicom
 
-from .config import DeriveSettings
-from .denoise import DenoiseEngine
+from .config import DeriveSettings, InferenceSettings
+from .denoise import DenoiseEngine, neighbour_indices, slice_spacing
 from .derive import Derivation, derive_dataset, derived_series_uid, derived_sop_uid, write_dataset
 from .pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
 from .series import Instance, Skipped, scan_files, stacks
@@ -53,6 +55,10 @@ def derivation_for(engine: DenoiseEngine, settings: DeriveSettings) -> Derivatio
         "derive": dataclasses.asdict(settings),
         "outside_fov_below_hu": engine.outside_fov_below_hu,
     }
+    # Only a non-default tolerance joins the fingerprint, so that the UIDs of series derived before
+    # the setting existed stay the same (a re-derivation replaces them in PACS, never duplicates).
+    if engine.in_slices > 1 and engine.neighbour_tolerance != InferenceSettings.neighbour_tolerance:
+        payload["neighbour_tolerance"] = engine.neighbour_tolerance
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return Derivation(model_name=engine.card.name, model_version=engine.card.version, fingerprint=digest[:16])
 
@@ -71,11 +77,13 @@ def read_slice(path: Path, outside_fov_below_hu: float) -> SourceSlice:
     return SourceSlice(ds, stored, hu, keep)
 
 
-def chunk_bounds(num_slices: int, chunk: int, halo: int):
-    """(read_start, read_stop, keep_start, keep_stop) per chunk: read with a halo of neighbours, keep the chunk."""
-    for start in range(0, num_slices, chunk):
-        stop = min(start + chunk, num_slices)
-        yield max(0, start - halo), min(num_slices, stop + halo), start, stop
+def chunk_bounds(neighbours: np.ndarray, chunk: int):
+    """(read_start, read_stop, keep_start, keep_stop) per chunk of a stack whose neighbour table
+    (neighbour_indices) is given: keep the chunk, read every slice its kept slices need."""
+    for start in range(0, len(neighbours), chunk):
+        stop = min(start + chunk, len(neighbours))
+        needed = neighbours[start:stop]
+        yield min(start, int(needed.min())), max(stop, int(needed.max()) + 1), start, stop
 
 
 def denoise_stack(
@@ -84,10 +92,17 @@ def denoise_stack(
     write: Callable[[SourceSlice, np.ndarray], Path],
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
+    """Denoise one stack chunk by chunk, writing each slice."""
+    positions = [inst.position for inst in stack]
+    spacing = slice_spacing(positions)
+    neighbours = neighbour_indices(positions, engine.in_slices, engine.neighbour_tolerance, spacing)
     files = []
-    for read_start, read_stop, keep_start, keep_stop in chunk_bounds(len(stack), engine.chunk_slices, engine.in_slices // 2):
+    for read_start, read_stop, keep_start, keep_stop in chunk_bounds(neighbours, engine.chunk_slices):
         slices = [read_slice(inst.path, engine.outside_fov_below_hu) for inst in stack[read_start:read_stop]]
-        out_hu = engine.denoise_hu(np.stack([s.hu for s in slices]), np.stack([s.keep for s in slices]))
+        out_hu = engine.denoise_hu(
+            np.stack([s.hu for s in slices]), np.stack([s.keep for s in slices]),
+            positions=positions[read_start:read_stop], spacing=spacing,
+        )
         for offset in range(keep_start - read_start, keep_stop - read_start):
             files.append(write(slices[offset], out_hu[offset]))
         if progress:
