@@ -65,6 +65,33 @@ class InferenceSettings:
 
 
 @dataclass(frozen=True)
+class FidelitySettings:
+    """The per-series HU fidelity gate: a denoiser may remove noise but must not shift tissue HU.
+
+    Measured in soft tissue of the source (see ldct_node.fidelity); a series whose change exceeds
+    a limit fails with the reason instead of being sent. 0 disables a limit (still measured).
+    """
+
+    # |mean(out - in)| over soft tissue. Removing noise is zero-mean: a perfect denoiser (the
+    # normal-dose image) reads under 0.1 HU on the shared series at 5-25 % simulated dose, while a
+    # bias of a few HU already moves density readings; 3 HU separates the two.
+    max_mean_hu_change: float = 3.0
+    # 95th percentile of |Gaussian low-pass(out - in)| in soft tissue: shading (a regional shift)
+    # that a zero overall mean hides. The removed noise has low-frequency streaks too: a perfect
+    # denoiser reads 11.0 HU at 5 % dose (the shipped weights' target), 6.1 at 10 %, 2.9 at 25 %
+    # on the shared series. 15 HU passes it at 5 % and fails shading beyond that; sites at 25 % dose
+    # or more can lower it to about 8. A failure costs little: the original stays in PACS.
+    max_lowpass_change_hu: float = 15.0
+    # Soft tissue: fat to contrast-enhanced parenchyma, excluding air, lung and bone where edges
+    # dominate. The bounds sit where few pixels are (below fat's -120..-80, above enhanced organs):
+    # a bound on a tissue's own HU selects its pixels by their noise and fakes a change.
+    soft_tissue_min_hu: float = -150.0
+    soft_tissue_max_hu: float = 200.0
+    # Width (Gaussian sigma) of the shading low-pass; larger than the noise grain, smaller than organs.
+    lowpass_sigma_mm: float = 6.0
+
+
+@dataclass(frozen=True)
 class DeriveSettings:
     # "2.25." makes UUID-derived UIDs that need no registered root; sites may set their own.
     uid_root: str = "2.25."
@@ -164,6 +191,7 @@ class LogSettings:
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
     derive: DeriveSettings = field(default_factory=DeriveSettings)
     receive: ReceiveSettings = field(default_factory=ReceiveSettings)
     send: SendSettings = field(default_factory=SendSettings)
@@ -256,6 +284,11 @@ def validate(cfg: Config) -> None:
          "inference.device", "must be auto, cpu, cuda or cuda:N")
     need(0 <= cfg.inference.neighbour_tolerance < MAX_NEIGHBOUR_TOLERANCE, "inference.neighbour_tolerance",
          f"must be >= 0 and < {MAX_NEIGHBOUR_TOLERANCE} (a fraction of the slice spacing)")
+    need(cfg.fidelity.max_mean_hu_change >= 0, "fidelity.max_mean_hu_change", "must be >= 0 (0 disables the limit)")
+    need(cfg.fidelity.max_lowpass_change_hu >= 0, "fidelity.max_lowpass_change_hu", "must be >= 0 (0 disables the limit)")
+    need(cfg.fidelity.soft_tissue_min_hu < cfg.fidelity.soft_tissue_max_hu, "fidelity.soft_tissue_min_hu",
+         "must be below fidelity.soft_tissue_max_hu")
+    need(cfg.fidelity.lowpass_sigma_mm > 0, "fidelity.lowpass_sigma_mm", "must be > 0")
     # UID components are digits without leading zeros (PS3.5 9.1); derived UIDs append to the root.
     need(re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", cfg.derive.uid_root) is not None
          and len(cfg.derive.uid_root) <= 32,

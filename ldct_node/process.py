@@ -6,7 +6,8 @@ split into stacks of equal matrix size (series.stacks), each stack is read and d
 chunks of slices (with the neighbour slices the network needs on either side), so memory stays
 bounded for total-body series of thousands of slices. Neighbours are chosen once per stack from
 the slice positions (denoise.neighbour_indices: only adjacent slices), and each chunk reads every
-slice its kept slices need.
+slice its kept slices need. Every slice's input and output HU goes into the series' HU fidelity
+summary (ldct_node.fidelity); SeriesResult.fidelity_failure names the limit a series exceeds.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Callable
 import numpy as np
 import pydicom
 
-from .config import DeriveSettings, InferenceSettings
+from .config import DeriveSettings, FidelitySettings, InferenceSettings
 from .denoise import DenoiseEngine, neighbour_indices, slice_spacing
 from .derive import Derivation, derive_dataset, derived_series_uid, derived_sop_uid, write_dataset
+from .fidelity import FidelityAccumulator, FidelitySummary, fidelity_violation
 from .pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
 from .series import Instance, Skipped, scan_files, stacks
 
@@ -38,6 +40,9 @@ class SeriesResult:
     slices: int
     seconds: float
     skipped: list[Skipped] = field(default_factory=list)
+    fidelity: FidelitySummary | None = None
+    # The one-line reason when the fidelity summary exceeds a limit: the series must not be used.
+    fidelity_failure: str | None = None
 
 
 @dataclass
@@ -77,6 +82,15 @@ def read_slice(path: Path, outside_fov_below_hu: float) -> SourceSlice:
     return SourceSlice(ds, stored, hu, keep)
 
 
+def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """PixelSpacing (row, column) in mm, None when absent or not two positive numbers."""
+    try:
+        rows, cols = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (rows, cols) if rows > 0 and cols > 0 else None
+
+
 def chunk_bounds(neighbours: np.ndarray, chunk: int):
     """(read_start, read_stop, keep_start, keep_stop) per chunk of a stack whose neighbour table
     (neighbour_indices) is given: keep the chunk, read every slice its kept slices need."""
@@ -91,8 +105,9 @@ def denoise_stack(
     engine: DenoiseEngine,
     write: Callable[[SourceSlice, np.ndarray], Path],
     progress: Callable[[int], None] | None = None,
+    fidelity: FidelityAccumulator | None = None,
 ) -> list[Path]:
-    """Denoise one stack chunk by chunk, writing each slice."""
+    """Denoise one stack chunk by chunk, writing each slice; fidelity, when given, sees every slice's input and output HU."""
     positions = [inst.position for inst in stack]
     spacing = slice_spacing(positions)
     neighbours = neighbour_indices(positions, engine.in_slices, engine.neighbour_tolerance, spacing)
@@ -104,7 +119,10 @@ def denoise_stack(
             positions=positions[read_start:read_stop], spacing=spacing,
         )
         for offset in range(keep_start - read_start, keep_stop - read_start):
-            files.append(write(slices[offset], out_hu[offset]))
+            source = slices[offset]
+            if fidelity is not None:
+                fidelity.add(source.hu, out_hu[offset], source.keep, pixel_spacing_mm(source.dataset))
+            files.append(write(source, out_hu[offset]))
         if progress:
             progress(keep_stop - keep_start)
     return files
@@ -117,8 +135,11 @@ def denoise_instances(
     engine: DenoiseEngine,
     settings: DeriveSettings,
     progress: Callable[[int], None] | None = None,
+    fidelity: FidelitySettings = FidelitySettings(),
 ) -> SeriesResult:
-    """Denoise one series' instances into out_dir/<derived SOPInstanceUID>.dcm."""
+    """Denoise one series' instances into out_dir/<derived SOPInstanceUID>.dcm and measure its HU
+    fidelity; a summary over a limit is reported in fidelity_failure (the files are still written:
+    the caller decides what to do with them)."""
     started = time.monotonic()
     derivation = derivation_for(engine, settings)
     new_series_uid = output_series_uid(series_uid, engine, settings)
@@ -137,12 +158,16 @@ def denoise_instances(
         write_dataset(derived, path)
         return path
 
-    files = [path for stack in stacks(instances) for path in denoise_stack(stack, engine, write, progress)]
-    return SeriesResult(series_uid, new_series_uid, files, len(files), time.monotonic() - started)
+    measured = FidelityAccumulator(fidelity)
+    files = [path for stack in stacks(instances) for path in denoise_stack(stack, engine, write, progress, measured)]
+    summary = measured.summary()
+    return SeriesResult(series_uid, new_series_uid, files, len(files), time.monotonic() - started,
+                        fidelity=summary, fidelity_failure=fidelity_violation(summary, fidelity))
 
 
 def denoise_series(
-    sources: list[Path], out_dir: Path, engine: DenoiseEngine, settings: DeriveSettings
+    sources: list[Path], out_dir: Path, engine: DenoiseEngine, settings: DeriveSettings,
+    fidelity: FidelitySettings = FidelitySettings(),
 ) -> SeriesResult:
     """The worker's entry: the spooled files of one series; files that are not axial CT images are skipped and reported."""
     scan = scan_files(sources)
@@ -150,6 +175,6 @@ def denoise_series(
         found = ", ".join(scan.series) or "none"
         raise ValueError(f"expected the files of exactly one CT series, found series: {found}")
     (series_uid, instances), = scan.series.items()
-    result = denoise_instances(series_uid, instances, out_dir, engine, settings)
+    result = denoise_instances(series_uid, instances, out_dir, engine, settings, fidelity=fidelity)
     result.skipped = scan.skipped
     return result
