@@ -11,6 +11,12 @@ down, the worker or sender thread died, or the spool is below ``receive.min_free
 - ``ldct_instances_refused_total{status}``     C-STOREs answered with a failure status
 - ``ldct_series_done_total`` / ``ldct_series_failed_total``
 - ``ldct_series_denoise_seconds``              histogram of seconds per series (denoise + write)
+- ``ldct_series_fidelity_failed_total``        series failed by the HU fidelity gate (also in series_failed)
+- ``ldct_last_series_noise_sd_before_hu`` / ``ldct_last_series_noise_sd_after_hu`` /
+  ``ldct_last_series_mean_hu_change`` / ``ldct_last_series_lowpass_change_p95_hu``
+                                               the HU fidelity measures of the last series (NaN: not measurable)
+- ``ldct_series_noise_sd_before_hu`` / ``ldct_series_noise_sd_after_hu`` / ``ldct_series_mean_hu_change`` /
+  ``ldct_series_lowpass_change_p95_hu``        histograms of the same over all series
 - ``ldct_send_retries_total``                  delivery attempts that failed and will be retried
 - ``ldct_queue_depth{state}``                  series per queue state (read from the database)
 - ``ldct_spool_free_bytes``
@@ -19,6 +25,7 @@ down, the worker or sender thread died, or the spool is below ``receive.min_free
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,12 +34,19 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .fidelity import FidelitySummary
 from .logs import get_logger
 
 log = get_logger(__name__)
 
 # Series take seconds (tiny, GPU) to many minutes (total body on CPU).
 SERIES_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
+# Noise SD of the fine-grain band: a few HU (normal dose, or after denoising) to ~100 HU (very low dose).
+NOISE_SD_BUCKETS = (2, 5, 10, 15, 20, 30, 40, 60, 80, 120)
+# Mean soft-tissue change, signed, around the default 3 HU limit.
+MEAN_CHANGE_BUCKETS = (-20, -10, -5, -3, -2, -1, -0.5, 0, 0.5, 1, 2, 3, 5, 10, 20)
+# Low-pass change (95th percentile), around the default 10 HU limit.
+LOWPASS_CHANGE_BUCKETS = (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 50)
 
 
 class _QueueDepth:
@@ -62,10 +76,39 @@ class Metrics:
         self.series_seconds = Histogram("ldct_series_denoise_seconds", "Seconds to denoise one series",
                                         buckets=SERIES_SECONDS_BUCKETS, registry=r)
         self.send_retries = Counter("ldct_send_retries", "Delivery attempts failed and to be retried", registry=r)
+        self.fidelity_failed = Counter("ldct_series_fidelity_failed", "Series failed by the HU fidelity gate",
+                                       registry=r)
+        self._fidelity = {
+            name: (Gauge(f"ldct_last_series_{name}", f"{text}, last series (NaN: not measurable)", registry=r),
+                   Histogram(f"ldct_series_{name}", f"{text} per series", buckets=buckets, registry=r))
+            for name, text, buckets in (
+                ("noise_sd_before_hu", "Noise SD in uniform soft tissue before denoising, HU", NOISE_SD_BUCKETS),
+                ("noise_sd_after_hu", "Noise SD in uniform soft tissue after denoising, HU", NOISE_SD_BUCKETS),
+                ("mean_hu_change", "Mean soft-tissue HU change (out - in)", MEAN_CHANGE_BUCKETS),
+                ("lowpass_change_p95_hu", "95th percentile of the low-pass soft-tissue HU change",
+                 LOWPASS_CHANGE_BUCKETS),
+            )
+        }
         if depth is not None:
             r.register(_QueueDepth(depth))
         if spool_free is not None:
             Gauge("ldct_spool_free_bytes", "Free bytes on the spool volume", registry=r).set_function(spool_free)
+
+    def series_fidelity(self, summary: FidelitySummary, failed: bool) -> None:
+        """Record one series' HU fidelity measures; failed: the gate stopped it."""
+        values = {
+            "noise_sd_before_hu": summary.noise_sd_before,
+            "noise_sd_after_hu": summary.noise_sd_after,
+            "mean_hu_change": summary.mean_hu_change,
+            "lowpass_change_p95_hu": summary.lowpass_p95_hu,
+        }
+        for name, value in values.items():
+            gauge, histogram = self._fidelity[name]
+            gauge.set(math.nan if value is None else value)
+            if value is not None:
+                histogram.observe(value)
+        if failed:
+            self.fidelity_failed.inc()
 
     def series_finished(self, state: str) -> None:
         (self.series_done if state == "done" else self.series_failed).inc()

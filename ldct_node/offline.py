@@ -2,8 +2,11 @@
 
 IN_DIR is what a PACS export or a CD gives: any file names, several series mixed, non-CT and
 non-DICOM files among them. Each derived series goes to OUT_DIR/<derived SeriesInstanceUID>/.
-Files that are not axial CT images are reported with the reason and skipped. Exit status 0 when
-every CT series was written; 1 when a series failed or none was found; 2 for a usage error.
+Files that are not axial CT images are reported with the reason and skipped. Each series' HU
+fidelity (noise SD before/after, mean soft-tissue change, low-pass change) is printed in the
+summary; a series beyond a ``[fidelity]`` limit fails with that reason and its folder is removed,
+as the node would not send it. Exit status 0 when every CT series was written; 1 when a series
+failed or none was found; 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +25,7 @@ from .cli import CommandError
 from .config import load_config, validate
 from .denoise import DenoiseEngine
 from .logs import one_line
+from .fidelity import FidelitySummary
 from .process import SeriesResult, denoise_instances, output_series_uid
 from .series import ScanResult, scan_tree
 
@@ -31,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("in_dir", type=Path, metavar="IN_DIR", help="folder tree of DICOM files")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="receives one folder per derived series")
     parser.add_argument("--weights", type=Path, help="weights .safetensors (default: the shipped TSC-Net student)")
-    parser.add_argument("--config", type=Path, help="TOML configuration ([model], [inference], [derive] apply)")
+    parser.add_argument("--config", type=Path,
+                        help="TOML configuration ([model], [inference], [fidelity], [derive] apply)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides inference.device)")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (overrides inference.batch_size)")
     parser.add_argument("--threads", type=int, help="CPU threads (overrides inference.threads)")
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         for series_uid, instances in scan.series.items():
             try:
                 out = args.out_dir / output_series_uid(series_uid, engine, cfg.derive)
-                result = denoise_instances(series_uid, instances, out, engine, cfg.derive, progress=bar.update)
+                result = denoise_instances(series_uid, instances, out, engine, cfg.derive, progress=bar.update,
+                                           fidelity=cfg.fidelity)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise CommandError(f"disk full while writing to {args.out_dir}: free space and run again (the re-run writes the same UIDs)") from None
@@ -71,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
                 continue
             except Exception as exc:  # noqa: BLE001 - a damaged series must not stop the others; each is reported
                 failures.append(f"series {series_uid}: {one_line(exc)}")
+                continue
+            if result.fidelity_failure:
+                shutil.rmtree(out, ignore_errors=True)
+                failures.append(f"series {series_uid}: {result.fidelity_failure} (output removed; "
+                                f"{fidelity_text(result.fidelity)})")
                 continue
             results.append(result)
     print(summary(results, scan, time.monotonic() - started))
@@ -91,9 +103,23 @@ def skipped_report(scan: ScanResult) -> str:
     return "\n".join(lines)
 
 
+def _hu(value: float | None, sign: bool = False) -> str:
+    return "n/a" if value is None else f"{value:+.1f}" if sign else f"{value:.1f}"
+
+
+def fidelity_text(f: FidelitySummary | None) -> str:
+    """The HU fidelity measures in one phrase ("n/a": no soft tissue to measure)."""
+    if f is None:
+        return "HU fidelity not measured"
+    return (f"noise SD {_hu(f.noise_sd_before)} -> {_hu(f.noise_sd_after)} HU, "
+            f"mean soft-tissue change {_hu(f.mean_hu_change, sign=True)} HU, "
+            f"low-pass p95 {_hu(f.lowpass_p95_hu)} HU")
+
+
 def summary(results: list[SeriesResult], scan: ScanResult, seconds: float) -> str:
     slices = sum(r.slices for r in results)
-    lines = [f"{r.source_series_uid} -> {r.derived_series_uid} ({r.slices} slices, {r.seconds:.1f} s)" for r in results]
+    lines = [f"{r.source_series_uid} -> {r.derived_series_uid} ({r.slices} slices, {r.seconds:.1f} s; "
+             f"{fidelity_text(r.fidelity)})" for r in results]
     rate = slices / seconds if seconds > 0 else 0.0
     lines.append(f"series: {len(results)}  slices: {slices}  seconds: {seconds:.1f}  slices/s: {rate:.2f}")
     lines.append(skipped_report(scan))

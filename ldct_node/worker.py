@@ -6,7 +6,9 @@ thread moves quiet series from ``received`` to ``queued``), denoises the spooled
 ``outbox/<derived SeriesInstanceUID>/`` and hands the series to the sender (``sending``), or marks
 it ``done`` with "kept in outbox" when no destination is configured. Any failure of one series
 (a corrupt spooled file, no axial CT image in it ...) marks only that series ``failed`` with a
-one-line reason; the worker carries on with the next.
+one-line reason; the worker carries on with the next. So does the HU fidelity gate: a series
+whose soft-tissue HU changed beyond a ``[fidelity]`` limit is failed with that reason, its derived
+files are removed and nothing is sent (``queue retry`` denoises it again).
 
 Retention (``remove_delivered``) also lives here because the worker owns the outbox it cleans.
 """
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .config import DeriveSettings
+from .config import DeriveSettings, FidelitySettings
 from .denoise import DenoiseEngine
 from .logs import get_logger, one_line
 from .observe import Metrics
@@ -43,15 +45,16 @@ class SeriesProcessor(Protocol):
 class EngineProcessor:
     """process.denoise_series with the model the daemon loaded once."""
 
-    def __init__(self, engine: DenoiseEngine, settings: DeriveSettings):
+    def __init__(self, engine: DenoiseEngine, settings: DeriveSettings, fidelity: FidelitySettings = FidelitySettings()):
         self.engine = engine
         self.settings = settings
+        self.fidelity = fidelity
 
     def output_series_uid(self, series_uid: str) -> str:
         return output_series_uid(series_uid, self.engine, self.settings)
 
     def run(self, sources: list[Path], out_dir: Path) -> SeriesResult:
-        return denoise_series(sources, out_dir, self.engine, self.settings)
+        return denoise_series(sources, out_dir, self.engine, self.settings, self.fidelity)
 
 
 def reset_dir(path: Path) -> None:
@@ -110,14 +113,22 @@ class Worker(threading.Thread):
             bound.info("instance skipped", file=skipped.path.name, reason=skipped.reason)
         if not result.files:
             return self._finish(job, DONE, f"nothing to denoise ({len(result.skipped)} instances skipped)", bound)
+        # Processors other than EngineProcessor (tests' fakes) may not measure fidelity.
+        fidelity, failure = getattr(result, "fidelity", None), getattr(result, "fidelity_failure", None)
+        measures = fidelity.as_fields() if fidelity is not None else {}
         if self.metrics:
             self.metrics.series_seconds.observe(result.seconds)
+            if fidelity is not None:
+                self.metrics.series_fidelity(fidelity, failed=failure is not None)
+        if failure:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return self._finish(job, FAILED, f"{failure} (not sent)", bound.bind(**measures))
         state = self.queue.denoised(
             job.series_uid, result.derived_series_uid, out_dir, len(result.files), len(result.skipped),
             result.seconds, self.destinations,
         )
         bound.info("series denoised", derived_series_uid=result.derived_series_uid, slices=len(result.files),
-                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state)
+                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **measures)
         if state == DONE:
             self._finished(job.series_uid, DONE)
         return state

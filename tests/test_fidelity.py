@@ -1,12 +1,20 @@
-"""The per-series HU fidelity measures, each on its own."""
+"""The per-series HU fidelity gate: each measure on its own, then the worker and `ldct-node denoise` acting on it."""
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
-from ldct_node.config import Config, ConfigError, FidelitySettings, validate
+from ldct_node.cli import main
+from ldct_node.config import Config, ConfigError, DeriveSettings, FidelitySettings, InferenceSettings, validate
+from ldct_node.denoise import DenoiseEngine
 from ldct_node.fidelity import (
     HISTOGRAM_BIN_HU,
     FidelityAccumulator,
@@ -20,11 +28,17 @@ from ldct_node.fidelity import (
     soft_tissue_mask,
     uniform_tissue,
 )
+from ldct_node.model import TSCNet, TSCNetConfig
+from ldct_node.observe import Metrics
+from ldct_node.queue import DONE, FAILED, Queue
+from ldct_node.weights import LoadedModel, ModelCard, save_weights
+from ldct_node.worker import EngineProcessor, Worker
 from tests import synthetic
 
 SIZE = 64
 SPACING = (0.7, 0.7)
 OFFSET_HU = 20.0
+SCALING_SPAN_HU = 4096.0  # the card's input scaling: one unit is 4096 HU
 
 
 def flat(sd: float, size: int = 256, seed: int = 0) -> np.ndarray:
@@ -165,3 +179,110 @@ def test_violation_names_the_limit_in_one_line(summary, settings, reason):
 def test_bad_fidelity_settings_are_one_line_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"fidelity.{key}"):
         validate(Config(fidelity=FidelitySettings(**{key: value})))
+
+
+def test_metrics_show_the_last_series_a_histogram_and_the_gate_counter():
+    metrics = Metrics()
+    metrics.series_fidelity(FidelitySummary(30.0, 9.0, 21.0, 20.0, 100), failed=True)
+    metrics.series_fidelity(FidelitySummary(None, None, 0.5, None, 100), failed=False)
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    assert samples["ldct_series_fidelity_failed_total"] == 1
+    assert samples["ldct_last_series_mean_hu_change"] == 0.5
+    assert math.isnan(samples["ldct_last_series_noise_sd_before_hu"])
+    assert samples["ldct_series_mean_hu_change_count"] == 2
+    assert samples["ldct_series_noise_sd_after_hu_count"] == 1
+
+
+# --- the gate in the node and in `ldct-node denoise` -----------------------------------------
+
+
+class AddHU(torch.nn.Module):
+    """The middle slice plus a constant: a model that shifts every tissue by `hu`."""
+
+    def __init__(self, hu: float):
+        super().__init__()
+        self.delta = hu / SCALING_SPAN_HU
+
+    def forward(self, x):
+        mid = x.shape[1] // 2
+        return x[:, mid : mid + 1] + self.delta
+
+
+def processor(model: torch.nn.Module) -> EngineProcessor:
+    card = ModelCard(name="t", version="0", architecture="tscnet", settings={"in_slices": 1})
+    engine = DenoiseEngine(LoadedModel(model, card, path=None), InferenceSettings(device="cpu", threads=1))
+    return EngineProcessor(engine, DeriveSettings(), FidelitySettings())
+
+
+def queued_series(tmp_path: Path, count: int = 3) -> tuple[Queue, str]:
+    datasets = synthetic.ct_series(count, rows=SIZE, columns=SIZE)
+    series_uid = datasets[0].SeriesInstanceUID
+    queue = Queue(tmp_path / "q.sqlite3")
+    for path, ds in zip(synthetic.write_series(tmp_path / "spool" / series_uid, datasets), datasets):
+        queue.add_instance(series_uid, ds.SOPInstanceUID, path, now=0)
+    queue.promote_quiet(0, now=1)
+    return queue, series_uid
+
+
+def test_worker_fails_a_series_whose_model_adds_20_hu_and_sends_nothing(tmp_path):
+    queue, series_uid = queued_series(tmp_path)
+    metrics = Metrics()
+    worker = Worker(queue, processor(AddHU(OFFSET_HU)), tmp_path / "outbox", ["pacs"], 0.05, metrics)
+    with capture_logs() as logs:
+        assert worker.step()
+    row = queue.series(series_uid)
+    assert row.state == FAILED
+    assert row.reason.startswith("HU fidelity: mean soft-tissue change +20.0 HU exceeds the 3.0 HU limit (not sent)")
+    assert "\n" not in row.reason
+    assert not row.deliveries
+    assert not any((tmp_path / "outbox").iterdir())  # the derived files are gone: nothing can be sent later
+    assert metrics.fidelity_failed._value.get() == 1
+    (finished,) = [e for e in logs if e["event"] == "series finished"]
+    assert finished["mean_hu_change"] == pytest.approx(OFFSET_HU, abs=0.01)
+    queue.close()
+
+
+def test_worker_passes_the_identity_model_and_logs_the_measures(tmp_path):
+    queue, series_uid = queued_series(tmp_path)
+    worker = Worker(queue, processor(AddHU(0.0)), tmp_path / "outbox", [], 0.05, Metrics())
+    with capture_logs() as logs:
+        assert worker.step()
+    assert queue.series(series_uid).state == DONE
+    (denoised,) = [e for e in logs if e["event"] == "series denoised"]
+    assert denoised["mean_hu_change"] == 0.0 and denoised["lowpass_p95_hu"] <= HISTOGRAM_BIN_HU
+    assert denoised["noise_sd_before"] == pytest.approx(20.0, rel=0.15)  # phantom_hu's noise, 3 small slices
+    assert denoised["noise_sd_after"] == denoised["noise_sd_before"]
+    queue.close()
+
+
+def offset_weights(path: Path, hu: float) -> Path:
+    """Tiny TSC-Net weights that add `hu` everywhere: zero head weights, the offset in its bias."""
+    settings = TSCNetConfig(width=4, num_dems=2)
+    net = TSCNet(settings)
+    torch.nn.init.constant_(net.head.bias, hu / SCALING_SPAN_HU)
+    card = ModelCard(name="offset", version="0", architecture="tscnet", settings=settings.to_dict())
+    return save_weights(net, card, path)
+
+
+def test_offline_denoise_reports_a_shifted_series_as_failed_and_removes_its_output(tmp_path, capsys):
+    synthetic.write_series(tmp_path / "in", synthetic.ct_series(2, rows=SIZE, columns=SIZE))
+    weights = offset_weights(tmp_path / "w" / "offset", OFFSET_HU)
+    assert main(["denoise", str(tmp_path / "in"), str(tmp_path / "out"), "--weights", str(weights),
+                 "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    (failed,) = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert "HU fidelity: mean soft-tissue change +20.0 HU exceeds the 3.0 HU limit (output removed;" in failed
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_offline_denoise_prints_the_measures_and_a_disabled_gate_writes_the_series(tmp_path, capsys):
+    synthetic.write_series(tmp_path / "in", synthetic.ct_series(2, rows=SIZE, columns=SIZE))
+    weights = offset_weights(tmp_path / "w" / "offset", OFFSET_HU)
+    config = tmp_path / "c.toml"
+    config.write_text("[fidelity]\nmax_mean_hu_change = 0.0\nmax_lowpass_change_hu = 0.0\n")
+    assert main(["denoise", str(tmp_path / "in"), str(tmp_path / "out"), "--weights", str(weights),
+                 "--config", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"noise SD \d+\.\d -> \d+\.\d HU, mean soft-tissue change \+20.0 HU, low-pass p95 20.0 HU", out)
+    (folder,) = (tmp_path / "out").iterdir()
+    assert len(list(folder.iterdir())) == 2
