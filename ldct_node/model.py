@@ -23,6 +23,8 @@ from torchvision.ops import deform_conv2d
 
 KERNEL = 3
 DOWNSAMPLE = 4  # two stride-2 steps; inputs are padded to a multiple of this
+# Cell side (bottleneck pixels) on which local channel attention pools its statistics.
+LOCAL_MEAN_CELL = 4
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class TSCNetConfig:
     # a correction's low-frequency part is a shift or shading, never noise removal: taking it out
     # keeps mean HU and large-scale contrast exactly as scanned on any vendor's images.
     correction_highpass_sigma_px: float = 0.0
+    # Channel attention pools over this many bottleneck pixels around each pixel (odd; 0: the whole
+    # image, squeeze-excitation's global pool). A global pool sees 24² bottleneck pixels on a 96²
+    # training patch but 128² on a 512² slice, so its statistics differ between training and use and
+    # every output pixel depends on the whole field of view; a local window equal to the training
+    # patch keeps them alike and lets overlapping tiles agree with the full slice.
+    attention_window: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,14 +119,32 @@ def _deform_conv_gather(x, offset, mask, weight, bias):
     return out.view(n, -1, h, w) + bias.view(1, -1, 1, 1)
 
 
-class ChannelAttention(nn.Module):
-    """Squeeze-and-excitation: per-channel sigmoid weights from globally pooled features."""
+class LocalMean(nn.Module):
+    """Mean over about a window × window neighbourhood of each pixel (only pixels inside the image
+    count). Features are first averaged over LOCAL_MEAN_CELL² cells, pooled over the window there
+    and interpolated back: the statistics are smooth, and this costs a small fraction of a stride-1
+    pool of the full map, whose cost grows with the window's area."""
 
-    def __init__(self, channels: int, reduction: int):
+    def __init__(self, window: int):
+        super().__init__()
+        self.cells = 2 * (max(1, round(window / LOCAL_MEAN_CELL)) // 2) + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = F.avg_pool2d(x, LOCAL_MEAN_CELL, ceil_mode=True)
+        mean = F.avg_pool2d(cells, self.cells, stride=1, padding=self.cells // 2, count_include_pad=False)
+        return F.interpolate(mean, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation: per-channel sigmoid weights from pooled features, pooled over the
+    whole image (window 0) or over a window around each pixel."""
+
+    def __init__(self, channels: int, reduction: int, window: int = 0):
         super().__init__()
         hidden = max(channels // reduction, 4)
+        pool = nn.AdaptiveAvgPool2d(1) if window == 0 else LocalMean(window)
         self.fc = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
+            pool,
             nn.Conv2d(channels, hidden, 1),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, 1),
@@ -132,10 +158,10 @@ class ChannelAttention(nn.Module):
 class DynamicEnhancementModule(nn.Module):
     """DEM: conv → channel attention → modulated deformable conv, added back to the input."""
 
-    def __init__(self, channels: int, reduction: int):
+    def __init__(self, channels: int, reduction: int, attention_window: int = 0):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, KERNEL, padding=1)
-        self.attention = ChannelAttention(channels, reduction)
+        self.attention = ChannelAttention(channels, reduction, attention_window)
         self.deform = ModulatedDeformConv(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,13 +202,15 @@ class TSCNet(nn.Module):
             raise ValueError("in_slices must be odd (the middle slice is the one denoised)")
         if not 0 <= config.feature_index < config.num_dems:
             raise ValueError("feature_index must name one of the DEMs")
+        if config.attention_window < 0 or (config.attention_window and config.attention_window % 2 == 0):
+            raise ValueError("attention_window must be 0 (global) or odd")
         self.config = config
         w = config.width
         self.enc0 = nn.Sequential(_conv_relu(config.in_slices, w), _conv_relu(w, w))
         self.enc1 = nn.Sequential(_conv_relu(w, 2 * w, stride=2), _conv_relu(2 * w, 2 * w))
         self.enc2 = nn.Sequential(_conv_relu(2 * w, 4 * w, stride=2), _conv_relu(4 * w, 4 * w))
         self.bottleneck = nn.ModuleList(
-            DynamicEnhancementModule(4 * w, config.se_reduction) if config.use_dem else ResidualBlock(4 * w)
+            DynamicEnhancementModule(4 * w, config.se_reduction, config.attention_window) if config.use_dem else ResidualBlock(4 * w)
             for _ in range(config.num_dems)
         )
         self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 4, stride=2, padding=1)

@@ -120,3 +120,27 @@ def test_highpass_keeps_fine_corrections():
     checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1.0
     fine = checker[None, None].float()
     assert float(gaussian_lowpass(fine, 4.0)[..., 8:-8, 8:-8].abs().max()) < 1e-3
+
+
+def _random_head_net(attention_window: int) -> TSCNet:
+    torch.manual_seed(0)
+    net = TSCNet(TSCNetConfig(width=4, num_dems=2, correction_highpass_sigma_px=3.0, attention_window=attention_window)).eval()
+    net.head.reset_parameters()  # a non-zero correction, as after training
+    return net
+
+
+def test_local_channel_attention_lets_a_tile_agree_with_the_full_slice():
+    """Far enough from a tile's cut edge its output equals the full slice's."""
+    net = _random_head_net(25)
+    image = torch.rand(1, 1, 320, 320)
+    image[..., 224:, :] += 4.0  # content outside the tile that a global pool would see
+    with torch.no_grad():
+        full = net(image)
+        tile = net(image[..., :224, :224])
+    difference = float((full[..., :64, :64] - tile[..., :64, :64]).abs().max())
+    assert difference < 1e-5, difference
+
+
+def test_attention_window_must_be_odd():
+    with pytest.raises(ValueError, match="odd"):
+        TSCNet(TSCNetConfig(attention_window=24))

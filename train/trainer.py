@@ -150,9 +150,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arch.add_argument("--num-dems", type=int, help="dynamic enhancement modules (TSC-Net)")
     arch.add_argument("--highpass-sigma", type=float, help="Gaussian σ in pixels of the low-pass taken out of TSC-Net's "
                       "correction (0: off), so that the network cannot shift mean HU or add shading")
+    arch.add_argument("--attention-window", type=int, help="DEM channel attention pools over this many bottleneck pixels "
+                      "(odd; 0: global); a quarter of the training patch side keeps training and full slices alike")
     loss = parser.add_argument_group("loss weights")
     defaults = LossWeights()
     loss.add_argument("--w-pixel", type=float, default=defaults.pixel, help="smooth L1")
+    loss.add_argument("--smooth-l1-beta", type=float, default=defaults.smooth_l1_beta,
+                      help="smooth L1's quadratic-to-linear point in network units (HU / 4096); torch's default 1 "
+                      "makes it a squared error far below every other term")
     loss.add_argument("--w-msssim", type=float, default=defaults.msssim, help="1 − MS-SSIM")
     loss.add_argument("--w-kt", type=float, default=defaults.kt, help="knowledge transfer L1")
     loss.add_argument("--w-contrast", type=float, default=defaults.contrast, help="contrastive regularisation")
@@ -218,9 +223,11 @@ def resolve_architecture(stage: str, variant: Variant, args: argparse.Namespace,
     """Network settings: the teacher's (a student must match it for knowledge transfer) or the
     model defaults, then the command-line overrides, then the variant's DEM switch."""
     overrides = {k: v for k, v in (("in_slices", args.in_slices), ("width", args.width), ("num_dems", args.num_dems),
-                                   ("correction_highpass_sigma_px", args.highpass_sigma)) if v is not None}
+                                   ("correction_highpass_sigma_px", args.highpass_sigma),
+                                   ("attention_window", args.attention_window)) if v is not None}
     if stage == "redcnn":
-        for key, flag in (("num_dems", "--num-dems"), ("correction_highpass_sigma_px", "--highpass-sigma")):
+        for key, flag in (("num_dems", "--num-dems"), ("correction_highpass_sigma_px", "--highpass-sigma"),
+                          ("attention_window", "--attention-window")):
             if key in overrides:
                 raise CommandError(f"{flag} applies to TSC-Net only, not to redcnn")
         return dataclasses.replace(REDCNNConfig(), **overrides).to_dict()
@@ -250,8 +257,10 @@ def check_teacher_fits(student: dict, teacher: dict) -> None:
 def loss_weights_from(args: argparse.Namespace) -> LossWeights:
     if len(args.betas) != len(LossWeights().betas):
         raise CommandError(f"--betas needs {len(LossWeights().betas)} values (conv1_2, conv2_2, conv3_3)")
-    return LossWeights(pixel=args.w_pixel, msssim=args.w_msssim, kt=args.w_kt, contrast=args.w_contrast,
-                       contrast_floor=args.contrast_floor, betas=tuple(args.betas))
+    if args.smooth_l1_beta <= 0:
+        raise CommandError("--smooth-l1-beta must be positive")
+    return LossWeights(pixel=args.w_pixel, smooth_l1_beta=args.smooth_l1_beta, msssim=args.w_msssim, kt=args.w_kt,
+                       contrast=args.w_contrast, contrast_floor=args.contrast_floor, betas=tuple(args.betas))
 
 
 # ---------------------------------------------------------------- processes and devices
