@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -163,3 +164,21 @@ def test_a_noise_bank_refuses_neighbour_slices(bank, tmp_path, capsys):
     assert main(["train", "student", "--variant", "A", "--width", "4", "--in-slices", "3", "--data", str(bank),
                  "--out", str(tmp_path / "x"), "--epochs", "1"]) == 2
     assert "--in-slices 1" in capsys.readouterr().err
+
+
+def test_evaluation_report_on_the_banks_held_out_vendor_at_one_dose(bank, tiny_weights, tmp_path):
+    report = tmp_path / "report"
+    assert main(["evaluate", "--data", str(bank), "--split", "val", "--dose", "0.25", "--weights", f"tiny={tiny_weights}",
+                 "--report", str(report), "--device", "cpu"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    text = json.dumps(metrics)
+    assert "HU bias in soft tissue" in text and "noise" in text
+    low_dose, tiny = metrics["methods"]["Low-dose input"], metrics["methods"]["tiny"]
+    # an untrained TSC-Net is the identity: its per-slice numbers are the input's
+    assert tiny["per_slice"]["psnr_soft"] == pytest.approx(low_dose["per_slice"]["psnr_soft"])
+
+
+def test_evaluating_a_noise_bank_needs_a_dose(bank, tiny_weights, tmp_path, capsys):
+    assert main(["evaluate", "--data", str(bank), "--split", "val", "--weights", str(tiny_weights),
+                 "--report", str(tmp_path / "r")]) == 2
+    assert "--dose" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import html
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ldct_node.cli import CommandError  # noqa: E402
 from ldct_node.config import InferenceSettings  # noqa: E402
 from ldct_node.denoise import DenoiseEngine  # noqa: E402
 
+from .bank import VALIDATION_KERNEL, is_bank, load_bank, noise_for  # noqa: E402
 from .baselines import BASELINES, BaselineSettings, bm3d_available, denoise_volume  # noqa: E402
 from .data import SPLITS, PairSpec, Volume, assign_splits, load_pair, load_pairs  # noqa: E402
 from .metrics import HU_FULL, HU_SOFT_TISSUE, METRIC_LABELS, psnr, slice_metrics  # noqa: E402
@@ -39,7 +41,7 @@ LOW_DOSE = "Low-dose input"
 CITATION_FILE = "Citations.txt"
 P_VALUE_TEST = "Wilcoxon signed-rank test, two-sided, paired by slice"
 # Decimals shown per metric: PSNR to 0.01 dB, SSIM to 1e-4, RMSE to 0.1 HU.
-METRIC_DIGITS = {"psnr_full": 2, "ssim_full": 4, "psnr_soft": 2, "ssim_soft": 4, "rmse_hu": 1}
+METRIC_DIGITS = {"psnr_full": 2, "ssim_full": 4, "psnr_soft": 2, "ssim_soft": 4, "rmse_hu": 1, "hu_bias": 2, "noise_sd": 1}
 FIGURES = {"bland_altman": "bland_altman_psnr.png", "crops": "crops.png"}
 
 
@@ -83,6 +85,9 @@ class Method:
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample SD (0 for a single slice)."""
     array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]  # slices without soft tissue have no HU bias or noise σ
+    if array.size == 0:
+        return math.nan, math.nan
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
@@ -191,6 +196,22 @@ def load_held_out(pairs_path: Path, split: str, val_fraction: float, test_fracti
     if not chosen:
         raise CommandError(f"pairs file {pairs_path} has no '{split}' pairs: mark some with split = \"{split}\" or choose another --split")
     return HeldOut([(spec, *load_pair(spec)) for spec in chosen])
+
+
+def held_out_from_bank(folder: Path, split: str, dose: float, seed: int) -> HeldOut:
+    """The bank's slices of one split with one seeded low-dose draw each at ``dose`` (the
+    validation kernel), each slice a pair of its own."""
+    slices = load_bank(folder, split)
+    if not slices:
+        raise CommandError(f"noise bank {folder} has no '{split}' slices: choose another --split")
+    pairs = []
+    for i, item in enumerate(slices):
+        window = (slice(0, item.hu.shape[0]), slice(0, item.hu.shape[1]))
+        low = item.hu + noise_for(item, window, dose, VALIDATION_KERNEL, np.random.default_rng((seed, i)))
+        spacing = (1.0, item.pixel_mm, item.pixel_mm)
+        spec = PairSpec(patient=item.record["patient"], low=folder / item.record["file"], normal=Path(item.record["source_file"]), split=split)
+        pairs.append((spec, Volume(low[None].astype(np.float32), spacing, np.zeros(1)), Volume(item.hu[None], spacing, np.zeros(1))))
+    return HeldOut(pairs)
 
 
 def run_method(method: Method, held_out: HeldOut) -> MethodResult:
@@ -420,7 +441,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                         help="a network to evaluate (repeatable), e.g. 'TSC-Net D=runs/d/best.safetensors'; "
                              "default: the shipped TSC-Net student. The first is the reference for p-values")
-    parser.add_argument("--data", type=Path, required=True, help="pairs file (TOML) naming low-/normal-dose volumes")
+    parser.add_argument("--data", type=Path, required=True, help="pairs file (TOML) naming low-/normal-dose volumes, "
+                        "or a noise bank folder (then --dose)")
+    parser.add_argument("--dose", type=float, help="with a noise bank: the dose fraction simulated for every held-out slice")
     parser.add_argument("--report", type=Path, default=Path("report"), help="output folder (default: report/)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="which split to evaluate (default: test)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="as in the training run, for pairs without a split")
@@ -434,7 +457,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size)) if v is not None}
     inference = dataclasses.replace(InferenceSettings(), **overrides)
     specs = [parse_weights(text) for text in args.weights] or [(None, None)]
-    held_out = load_held_out(args.data, args.split, args.val_fraction, args.test_fraction, args.split_seed)
+    if is_bank(args.data):
+        if args.dose is None or not 0 < args.dose < 1:
+            raise CommandError("a noise bank needs --dose, a fraction in (0, 1) such as 0.25")
+        held_out = held_out_from_bank(args.data, args.split, args.dose, args.split_seed)
+    else:
+        held_out = load_held_out(args.data, args.split, args.val_fraction, args.test_fraction, args.split_seed)
     networks = [network_method(name, path, inference) for name, path in specs]
     names = [m.name for m in networks]
     if len(set(names)) < len(names) or set(names) & {LOW_DOSE, *BASELINES}:

@@ -13,6 +13,9 @@ import math
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from ldct_node.config import FidelitySettings
+from ldct_node.fidelity import mean_hu_change, noise_sd, soft_tissue_mask, uniform_tissue
+
 HU_FULL: tuple[float, float] = (-1024.0, 3072.0)
 HU_SOFT_TISSUE: tuple[float, float] = (-160.0, 240.0)
 
@@ -79,7 +82,29 @@ METRIC_LABELS: dict[str, str] = {
     "psnr_soft": f"PSNR [dB], HU {HU_SOFT_TISSUE[0]:g}..{HU_SOFT_TISSUE[1]:g}",
     "ssim_soft": f"SSIM, HU {HU_SOFT_TISSUE[0]:g}..{HU_SOFT_TISSUE[1]:g}",
     "rmse_hu": "RMSE [HU]",
+    "hu_bias": "HU bias in soft tissue [HU]",
+    "noise_sd": "noise σ in uniform soft tissue [HU]",
 }
+# Soft tissue as the node's fidelity gate defines it, so the report and the gate measure alike.
+_FIDELITY = FidelitySettings()
+
+
+def soft_tissue_of(ref_hu) -> np.ndarray:
+    ref = _as_float(ref_hu)
+    return soft_tissue_mask(ref, None, _FIDELITY.soft_tissue_min_hu, _FIDELITY.soft_tissue_max_hu)
+
+
+def hu_bias(test_hu, ref_hu) -> float:
+    """mean(test − ref) over the reference's soft tissue (NaN where it has none)."""
+    change = mean_hu_change(_as_float(ref_hu), _as_float(test_hu), soft_tissue_of(ref_hu))
+    return math.nan if change is None else change
+
+
+def noise_in_uniform_tissue(test_hu, ref_hu) -> float:
+    """The test image's robust noise σ where the reference is flat soft tissue (NaN where it has none)."""
+    ref = _as_float(ref_hu)
+    sd = noise_sd(_as_float(test_hu), uniform_tissue(ref, soft_tissue_of(ref)))
+    return math.nan if sd is None else sd
 
 
 def slice_metrics(test_hu, ref_hu) -> dict[str, float]:
@@ -90,4 +115,6 @@ def slice_metrics(test_hu, ref_hu) -> dict[str, float]:
         "psnr_soft": psnr(test_hu, ref_hu, HU_SOFT_TISSUE),
         "ssim_soft": ssim(test_hu, ref_hu, HU_SOFT_TISSUE),
         "rmse_hu": rmse(test_hu, ref_hu),
+        "hu_bias": hu_bias(test_hu, ref_hu),
+        "noise_sd": noise_in_uniform_tissue(test_hu, ref_hu),
     }
