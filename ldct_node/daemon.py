@@ -135,7 +135,7 @@ class Node:
     def _load_processor(self) -> SeriesProcessor:
         engine = DenoiseEngine.from_path(self.cfg.model.weights, self.cfg.inference)
         log.info("model loaded", model=engine.card.model_id)
-        return EngineProcessor(engine, self.cfg.derive)
+        return EngineProcessor(engine, self.cfg.derive, self.cfg.fidelity)
 
     def _finished(self, series_uid: str, state: str) -> None:
         self.metrics.series_finished(state)

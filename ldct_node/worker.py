@@ -45,7 +45,7 @@ class SeriesProcessor(Protocol):
 class EngineProcessor:
     """process.denoise_series with the model the daemon loaded once."""
 
-    def __init__(self, engine: DenoiseEngine, settings: DeriveSettings, fidelity: FidelitySettings = FidelitySettings()):
+    def __init__(self, engine: DenoiseEngine, settings: DeriveSettings, fidelity: FidelitySettings):
         self.engine = engine
         self.settings = settings
         self.fidelity = fidelity

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from ldct_node import cli
 from ldct_node.config import (
-    Config, Destination, HttpSettings, InferenceSettings, ModelSettings, QueueSettings, ReceiveSettings, SendSettings,
+    Config, Destination, FidelitySettings, HttpSettings, InferenceSettings, ModelSettings, QueueSettings, ReceiveSettings, SendSettings,
     StorageSettings,
 )
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
@@ -125,6 +125,13 @@ def test_without_destination_the_result_is_kept_in_the_outbox(nodes, tiny_weight
     kept = sorted(Path(row.outbox).glob("*.dcm"))
     assert len(kept) == 2
     assert {pydicom.dcmread(p).SeriesInstanceUID for p in kept} == {row.derived_series_uid}
+
+
+def test_the_configured_fidelity_limits_reach_the_series_processor(tmp_path, tiny_weights):
+    limits = FidelitySettings(max_mean_hu_change=0.5, max_lowpass_change_hu=2.0)
+    cfg = dataclasses.replace(config(tmp_path, tiny_weights), fidelity=limits)
+    node = Node(cfg)
+    assert node.processor.fidelity == limits
 
 
 def test_healthz_and_metrics_report_the_node(nodes, tiny_weights, tmp_path):
