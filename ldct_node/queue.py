@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS series (
     denoise_seconds     REAL,
     reason              TEXT,
     cleaned_at          REAL,
+    instances           INTEGER,
     updated_at          REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS instances (
@@ -122,7 +123,7 @@ class SeriesRow:
     series_uid: str
     state: str
     run: int
-    instances: int
+    instances: int  # of this run; still counted after retention removed their files
     first_received_at: float
     last_received_at: float
     queued_at: float | None
@@ -176,6 +177,7 @@ class Queue:
         # missing, which `reindex` repairs from the spool (the spooled file is fsynced first).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        _add_missing_columns(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -224,7 +226,8 @@ class Queue:
     def _reopen(db: sqlite3.Connection, series_uid: str, now: float) -> None:
         db.execute(
             "UPDATE series SET state = ?, run = run + 1, last_received_at = max(last_received_at, ?), queued_at = NULL,"
-            " started_at = NULL, denoised_at = NULL, finished_at = NULL, reason = NULL, cleaned_at = NULL, updated_at = ?"
+            " started_at = NULL, denoised_at = NULL, finished_at = NULL, reason = NULL, cleaned_at = NULL,"
+            " instances = NULL, updated_at = ?"
             " WHERE series_uid = ?",
             (RECEIVED, now, now, series_uid),
         )
@@ -456,11 +459,16 @@ class Queue:
             return [self._row(self._db, uid) for uid in uids]
 
     def cleaned(self, series_uid: str, now: float | None = None) -> None:
-        """The series' spooled input is gone: forget its instance rows so a restart does not re-index them."""
+        """The series' spooled input is gone: forget its instance rows so a restart does not re-index them,
+        keeping their number on the series row for `queue list`."""
         now = time.time() if now is None else now
         with self._tx() as db:
+            db.execute(
+                "UPDATE series SET instances = (SELECT count(*) FROM instances WHERE series_uid = ?), cleaned_at = ?,"
+                " updated_at = ? WHERE series_uid = ?",
+                (series_uid, now, now, series_uid),
+            )
             db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
-            db.execute("UPDATE series SET cleaned_at = ?, updated_at = ? WHERE series_uid = ?", (now, now, series_uid))
 
     def series(self, series_uid: str) -> SeriesRow | None:
         with self._lock:
@@ -486,14 +494,25 @@ class Queue:
         row = db.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
         if row is None:
             return None
-        count = db.execute("SELECT count(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0]
+        fields = dict(row)
+        # The column is set only once retention has removed the instance rows; until then they are counted.
+        if fields["instances"] is None:
+            fields["instances"] = db.execute(
+                "SELECT count(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0]
         deliveries = [
             Delivery(r["destination"], r["state"], r["attempts"], r["next_attempt_at"], r["sent"], r["error"])
             for r in db.execute(
                 "SELECT * FROM deliveries WHERE series_uid = ? ORDER BY destination", (series_uid,)
             )
         ]
-        return SeriesRow(instances=count, deliveries=deliveries, **dict(row))
+        return SeriesRow(deliveries=deliveries, **fields)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a database written by an earlier version up to _SCHEMA: the node must start on its old queue."""
+    have = {r["name"] for r in db.execute("PRAGMA table_info(series)")}
+    if "instances" not in have:
+        db.execute("ALTER TABLE series ADD COLUMN instances INTEGER")
 
 
 def outputs_complete(outbox: str | None, slices: int | None) -> bool:

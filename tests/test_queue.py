@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -192,7 +193,43 @@ def test_finished_series_become_due_for_retention_once_and_cleaning_drops_instan
     assert [r.series_uid for r in queue.finished_before(T0 + 50)] == [S]
     queue.cleaned(S)
     assert queue.finished_before(T0 + 50) == []
-    assert queue.series(S).instances == 0
+    assert not queue._db.execute("SELECT * FROM instances").fetchall()
+
+
+def test_a_cleaned_series_keeps_its_instance_count(queue, tmp_path):
+    add(queue, tmp_path, "1.2")
+    to_sending(queue, tmp_path)
+    queue.delivered(S, "pacs", 2, now=T0 + 50)
+    queue.cleaned(S)
+    assert queue.series(S).instances == 2
+    assert [r.instances for r in queue.jobs()] == [2]
+
+
+def test_a_new_run_after_cleaning_counts_only_its_own_instances(queue, tmp_path):
+    add(queue, tmp_path, "1.2")
+    to_sending(queue, tmp_path)
+    queue.delivered(S, "pacs", 2, now=T0 + 50)
+    queue.cleaned(S)
+    add(queue, tmp_path, "1.9", now=T0 + 60)
+    assert (queue.series(S).run, queue.series(S).instances) == (2, 1)
+
+
+def test_a_queue_database_of_an_earlier_version_opens_and_keeps_its_series(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE series (series_uid TEXT PRIMARY KEY, state TEXT NOT NULL, run INTEGER NOT NULL DEFAULT 1,"
+        " first_received_at REAL NOT NULL, last_received_at REAL NOT NULL, queued_at REAL, started_at REAL,"
+        " denoised_at REAL, finished_at REAL, derived_series_uid TEXT, outbox TEXT, slices INTEGER, skipped INTEGER,"
+        " denoise_seconds REAL, reason TEXT, cleaned_at REAL, updated_at REAL NOT NULL)")
+    db.execute("INSERT INTO series (series_uid, state, first_received_at, last_received_at, updated_at)"
+               " VALUES (?, ?, ?, ?, ?)", (S, RECEIVED, T0, T0, T0))
+    db.commit()
+    db.close()
+    queue = Queue(path)
+    add(queue, tmp_path, "1.1")
+    assert (queue.series(S).state, queue.series(S).instances) == (RECEIVED, 1)
+    queue.close()
 
 
 def test_depth_counts_every_state(queue, tmp_path):
