@@ -127,8 +127,10 @@ class Worker(threading.Thread):
             job.series_uid, result.derived_series_uid, out_dir, len(result.files), len(result.skipped),
             result.seconds, self.destinations,
         )
+        # With no destination the outbox is where the operator collects the series: the line says where.
+        kept = {} if self.destinations else {"outbox": str(out_dir)}
         bound.info("series denoised", derived_series_uid=result.derived_series_uid, slices=len(result.files),
-                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **measures)
+                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **kept, **measures)
         if state == DONE:
             self._finished(job.series_uid, DONE)
         return state
@@ -155,10 +157,20 @@ def remove_delivered(queue: Queue, spool: Spool, keep_days: float, now: float | 
             current = queue.series(row.series_uid)
             if current is None or current.state != DONE or current.cleaned_at is not None:
                 continue  # a new run started meanwhile; its files are needed
+            spooled = spool.series_dir(row.series_uid)
+            removed = {"spool_removed": str(spooled), "spool_files": count_files(spooled)}
             spool.remove_series(row.series_uid)
             if row.outbox and row.reason != KEPT_IN_OUTBOX:
+                removed.update(outbox_removed=row.outbox, outbox_files=count_files(Path(row.outbox)))
                 shutil.rmtree(row.outbox, ignore_errors=True)
+            elif row.outbox:
+                removed["outbox_kept"] = row.outbox
             queue.cleaned(row.series_uid)
         cleaned.append(row.series_uid)
-        log.info("series files removed (retention)", series_uid=row.series_uid, keep_days=keep_days)
+        log.info("series files removed (retention)", series_uid=row.series_uid, keep_days=keep_days, **removed)
     return cleaned
+
+
+def count_files(folder: Path) -> int:
+    """Files directly in folder; 0 when it is gone (removed by hand, or an earlier cleaning cut short)."""
+    return sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0

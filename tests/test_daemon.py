@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
+from structlog.testing import capture_logs
 
 from ldct_node import cli
 from ldct_node.config import (
@@ -28,6 +29,7 @@ from ldct_node.config import (
 )
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
 from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, Queue
+from ldct_node.spool import Spool
 from ldct_node.worker import Worker, remove_delivered
 from tests import peers
 from tests.synthetic import ct_series
@@ -113,6 +115,7 @@ def test_series_is_denoised_delivered_under_new_uids_and_its_files_removed(nodes
         time.sleep(0.05)
     assert not (node.cfg.storage.spool_dir / uid).exists()
     assert not Path(row.outbox).exists()
+    assert node.queue.series(uid).instances == 3  # `queue list` still shows what was received
 
 
 def test_without_destination_the_result_is_kept_in_the_outbox(nodes, tiny_weights, tmp_path):
@@ -214,8 +217,6 @@ def test_a_failing_series_fails_with_a_one_line_reason_and_the_worker_goes_on(tm
 
 
 def test_retention_keeps_files_for_keep_days_then_removes_them(tmp_path):
-    from ldct_node.spool import Spool
-
     spool = Spool(tmp_path / "spool")
     queue = Queue(tmp_path / "q.sqlite3")
     spooled = spool.write_instance("1.1", "1.1.1", b"x")
@@ -230,6 +231,60 @@ def test_retention_keeps_files_for_keep_days_then_removes_them(tmp_path):
     assert remove_delivered(queue, spool, keep_days=1, now=100 + 86399) == []
     assert remove_delivered(queue, spool, keep_days=1, now=100 + 86400) == ["1.1"]
     assert not spooled.path.exists() and not out.exists()
+    queue.close()
+
+
+def test_retention_line_names_the_removed_spool_and_the_kept_outbox(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    queue = Queue(tmp_path / "q.sqlite3")
+    for sop in ("1.1.1", "1.1.2"):
+        queue.add_instance("1.1", sop, spool.write_instance("1.1", sop, b"x").path, now=0)
+    queue.promote_quiet(0, now=1)
+    queue.claim_next(now=1)
+    out = tmp_path / "outbox" / "1.1.9"
+    out.mkdir(parents=True)
+    (out / "a.dcm").write_bytes(b"")
+    queue.denoised("1.1", "1.1.9", out, 1, 0, 0.1, [], now=1)
+    with capture_logs() as logs:
+        remove_delivered(queue, spool, keep_days=0, now=2)
+    (line,) = [e for e in logs if e["event"] == "series files removed (retention)"]
+    assert (line["spool_removed"], line["spool_files"]) == (str(spool.series_dir("1.1")), 2)
+    assert line["outbox_kept"] == str(out) and "outbox_removed" not in line
+    assert (out / "a.dcm").exists()
+    queue.close()
+
+
+def test_retention_line_names_the_removed_outbox_of_a_delivered_series(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    queue = Queue(tmp_path / "q.sqlite3")
+    queue.add_instance("1.1", "1.1.1", spool.write_instance("1.1", "1.1.1", b"x").path, now=0)
+    queue.promote_quiet(0, now=1)
+    queue.claim_next(now=1)
+    out = tmp_path / "outbox" / "1.1.9"
+    out.mkdir(parents=True)
+    (out / "a.dcm").write_bytes(b"")
+    queue.denoised("1.1", "1.1.9", out, 1, 0, 0.1, ["pacs"], now=1)
+    queue.delivered("1.1", "pacs", 1, now=1)
+    with capture_logs() as logs:
+        remove_delivered(queue, spool, keep_days=0, now=2)
+    (line,) = [e for e in logs if e["event"] == "series files removed (retention)"]
+    assert (line["spool_files"], line["outbox_removed"], line["outbox_files"]) == (1, str(out), 1)
+    assert "outbox_kept" not in line
+    queue.close()
+
+
+def test_series_denoised_line_names_the_outbox_when_there_is_no_destination(tmp_path):
+    queue = Queue(tmp_path / "q.sqlite3")
+    path = tmp_path / "spool" / "1.1" / "1.1.1.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+    queue.add_instance("1.1", "1.1.1", path, now=0)
+    queue.promote_quiet(0, now=1)
+    worker = Worker(queue, FakeProcessor(), tmp_path / "outbox", [], 0.05)
+    with capture_logs() as logs:
+        assert worker.step()
+    (line,) = [e for e in logs if e["event"] == "series denoised"]
+    assert line["outbox"] == str(tmp_path / "outbox" / "1.1.9")
     queue.close()
 
 
