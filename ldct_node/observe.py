@@ -17,6 +17,9 @@ down, the worker or sender thread died, or the spool is below ``receive.min_free
                                                the HU fidelity measures of the last series (NaN: not measurable)
 - ``ldct_series_noise_sd_before_hu`` / ``ldct_series_noise_sd_after_hu`` / ``ldct_series_mean_hu_change`` /
   ``ldct_series_lowpass_change_p95_hu``        histograms of the same over all series
+- ``ldct_denoising_series_slices`` / ``ldct_denoising_series_slices_done``
+                                               slices of the series being denoised, and how many are done
+                                               (both 0 while the worker is idle)
 - ``ldct_send_retries_total``                  delivery attempts that failed and will be retried
 - ``ldct_queue_depth{state}``                  series per queue state (read from the database)
 - ``ldct_spool_free_bytes``
@@ -75,6 +78,9 @@ class Metrics:
         self.series_failed = Counter("ldct_series_failed", "Series failed", registry=r)
         self.series_seconds = Histogram("ldct_series_denoise_seconds", "Seconds to denoise one series",
                                         buckets=SERIES_SECONDS_BUCKETS, registry=r)
+        self.slices_total = Gauge("ldct_denoising_series_slices", "Slices of the series being denoised", registry=r)
+        self.slices_done = Gauge("ldct_denoising_series_slices_done", "Slices of the series being denoised done",
+                                 registry=r)
         self.send_retries = Counter("ldct_send_retries", "Delivery attempts failed and to be retried", registry=r)
         self.fidelity_failed = Counter("ldct_series_fidelity_failed", "Series failed by the HU fidelity gate",
                                        registry=r)
@@ -109,6 +115,10 @@ class Metrics:
                 histogram.observe(value)
         if failed:
             self.fidelity_failed.inc()
+
+    def series_progress(self, done: int, total: int) -> None:
+        self.slices_done.set(done)
+        self.slices_total.set(total)
 
     def series_finished(self, state: str) -> None:
         (self.series_done if state == "done" else self.series_failed).inc()

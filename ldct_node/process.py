@@ -165,16 +165,32 @@ def denoise_instances(
                         fidelity=summary, fidelity_failure=fidelity_violation(summary, fidelity))
 
 
+def slice_counter(total: int, report: Callable[[int, int], None]) -> Callable[[int], None]:
+    """Turn denoise_stack's slices-per-chunk into (done, total) of the whole series. Reports (0, total)
+    at once, so that the total is known while the first chunk, the slowest, is still running."""
+    done = 0
+    report(done, total)
+
+    def add(slices: int) -> None:
+        nonlocal done
+        done += slices
+        report(done, total)
+
+    return add
+
+
 def denoise_series(
     sources: list[Path], out_dir: Path, engine: DenoiseEngine, settings: DeriveSettings,
-    fidelity: FidelitySettings = FidelitySettings(),
+    fidelity: FidelitySettings = FidelitySettings(), progress: Callable[[int, int], None] | None = None,
 ) -> SeriesResult:
-    """The worker's entry: the spooled files of one series; files that are not axial CT images are skipped and reported."""
+    """The worker's entry: the spooled files of one series; files that are not axial CT images are skipped and reported.
+    progress, when given, gets (slices done, slices in the series) after each chunk."""
     scan = scan_files(sources)
     if len(scan.series) != 1:
         found = ", ".join(scan.series) or "none"
         raise ValueError(f"expected the files of exactly one CT series, found series: {found}")
     (series_uid, instances), = scan.series.items()
-    result = denoise_instances(series_uid, instances, out_dir, engine, settings, fidelity=fidelity)
+    counted = slice_counter(len(instances), progress) if progress else None
+    result = denoise_instances(series_uid, instances, out_dir, engine, settings, progress=counted, fidelity=fidelity)
     result.skipped = scan.skipped
     return result

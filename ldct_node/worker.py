@@ -8,7 +8,9 @@ it ``done`` with "kept in outbox" when no destination is configured. Any failure
 (a corrupt spooled file, no axial CT image in it ...) marks only that series ``failed`` with a
 one-line reason; the worker carries on with the next. So does the HU fidelity gate: a series
 whose soft-tissue HU changed beyond a ``[fidelity]`` limit is failed with that reason, its derived
-files are removed and nothing is sent (``queue retry`` denoises it again).
+files are removed and nothing is sent (``queue retry`` denoises it again). While a series is
+denoised, slices done / total go to /metrics after every chunk and to the log ("denoising
+progress") every few seconds.
 
 Retention (``remove_delivered``) also lives here because the worker owns the outbox it cleans.
 """
@@ -32,6 +34,10 @@ from .spool import Spool
 log = get_logger(__name__)
 
 SECONDS_PER_DAY = 86400.0
+# A total-body series on CPU takes many minutes: often enough to show it moves, rarely enough for the journal.
+PROGRESS_LOG_INTERVAL_S = 5.0
+
+Progress = Callable[[int, int], None]  # (slices done, slices in the series)
 
 
 class SeriesProcessor(Protocol):
@@ -39,7 +45,7 @@ class SeriesProcessor(Protocol):
 
     def output_series_uid(self, series_uid: str) -> str: ...
 
-    def run(self, sources: list[Path], out_dir: Path) -> SeriesResult: ...
+    def run(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult: ...
 
 
 class EngineProcessor:
@@ -53,8 +59,29 @@ class EngineProcessor:
     def output_series_uid(self, series_uid: str) -> str:
         return output_series_uid(series_uid, self.engine, self.settings)
 
-    def run(self, sources: list[Path], out_dir: Path) -> SeriesResult:
-        return denoise_series(sources, out_dir, self.engine, self.settings, self.fidelity)
+    def run(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult:
+        return denoise_series(sources, out_dir, self.engine, self.settings, self.fidelity, progress)
+
+
+class SeriesProgress:
+    """Reports the series being denoised: every chunk to /metrics, at most every interval_s to the log."""
+
+    def __init__(self, log, metrics: Metrics | None, interval_s: float = PROGRESS_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.log = log
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.clock = clock
+        # "denoising series" has just been logged: the first progress line is due one interval later.
+        self.logged_at = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.metrics:
+            self.metrics.series_progress(done, total)
+        now = self.clock()
+        if now - self.logged_at >= self.interval_s:
+            self.logged_at = now
+            self.log.info("denoising progress", slices_done=done, slices_total=total)
 
 
 def reset_dir(path: Path) -> None:
@@ -106,9 +133,12 @@ class Worker(threading.Thread):
                 raise FileNotFoundError("no spooled instance of the series is left on disk")
             out_dir = self.outbox_root / self.processor.output_series_uid(job.series_uid)
             reset_dir(out_dir)
-            result = self.processor.run(job.sources, out_dir)
+            result = self.processor.run(job.sources, out_dir, SeriesProgress(bound, self.metrics))
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
             return self._finish(job, FAILED, one_line(exc), bound)
+        finally:
+            if self.metrics:
+                self.metrics.series_progress(0, 0)  # no series in progress: a stale total would look stuck
         for skipped in result.skipped:
             bound.info("instance skipped", file=skipped.path.name, reason=skipped.reason)
         if not result.files:

@@ -154,6 +154,8 @@ def test_healthz_and_metrics_report_the_node(nodes, tiny_weights, tmp_path):
     assert samples[("ldct_queue_depth", (("state", "done"),))] == 1
     assert samples[("ldct_series_denoise_seconds_count", ())] == 1
     assert samples[("ldct_spool_free_bytes", ())] > 0
+    # Nothing is being denoised now: no stale progress.
+    assert samples[("ldct_denoising_series_slices", ())] == samples[("ldct_denoising_series_slices_done", ())] == 0
 
 
 def test_healthz_is_503_while_the_spool_is_below_its_minimum(nodes, tiny_weights, tmp_path):
@@ -188,13 +190,15 @@ class FakeProcessor:
     def output_series_uid(self, series_uid: str) -> str:
         return f"{series_uid}.9"
 
-    def run(self, sources, out_dir):
+    def run(self, sources, out_dir, progress):
         series_uid = sources[0].parent.name
+        progress(0, len(sources))
         if series_uid in self.broken:
             raise ValueError("cannot read\nslice 3: truncated")
         files = [out_dir / f"{p.stem}.9.dcm" for p in sources]
         for f in files:
             f.write_bytes(b"")
+        progress(len(files), len(sources))
         return type("Result", (), {"derived_series_uid": f"{series_uid}.9", "files": files, "skipped": [],
                                    "seconds": 0.1})
 
