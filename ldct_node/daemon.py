@@ -13,9 +13,10 @@ what they are doing; anything cut short is redone after the next start.
 
 How to watch it from outside: ``ldct-node queue list --json --config FILE`` (states in
 ``ldct_node.queue``), ``GET /healthz`` and ``GET /metrics`` (``ldct_node.observe``), and the JSON
-log lines on stderr (event names: "receiver listening", "series complete", "denoising series",
-"series denoised", "series delivered", "delivery attempt failed", "series finished",
-"instance ignored", "instance refused").
+log lines on stderr (event names: "receiver listening", "association ended" (the audit line of
+each association), "series complete", "denoising series", "denoising progress", "series denoised",
+"series delivered", "delivery attempt failed", "series finished", "series files removed
+(retention)", "instance ignored", "instance refused").
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ What a sender sees:
   Every failure status carries an ErrorComment and is logged with the UIDs known so far and the
   calling AE title, never patient names or IDs.
 
+- Audit: when the connection of an association closes, one line ``association ended`` with the
+  calling and called AE titles, the peer's address and port, ``accepted`` (and the ``reason`` when
+  refused: not on the allow-list, association limit, no acceptable presentation context),
+  instances stored / ignored / refused, how it ended (released, aborted, connection closed) and
+  its duration in seconds. A connection that never asked for an association gets no line.
+
 The dataset is written exactly as it arrived (``event.encoded_dataset()``, no re-encoding); only
 the header is parsed to find the UIDs and to classify it.
 """
@@ -41,13 +47,18 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from dataclasses import dataclass
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Callable
 
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from .config import AllowedPeer, ReceiveSettings
@@ -77,6 +88,7 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 BAD_UIDS = 0xC001
 
+ACCEPTED = 0x00  # A-ASSOCIATE Result (PS3.8 §7.1.1.7); 0x01 / 0x02: rejected permanent / transient
 # A-ASSOCIATE-RJ (PS3.8 §9.3.4): rejected-permanent, DICOM UL service-user, calling AE title not recognised.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _ERROR_COMMENT_MAX = 64  # ErrorComment is LO
@@ -98,6 +110,35 @@ class Inspected:
     series_uid: str
     sop_uid: str
     ignore_reason: str | None  # None: an axial CT image to spool and denoise
+
+
+@dataclass
+class AssociationAudit:
+    """One association as its audit line tells it; the receiver's event handlers fill it in."""
+
+    address: str
+    port: int
+    opened_at: float  # time.monotonic()
+    calling_ae: str | None = None  # None: no association was requested on this connection
+    called_ae: str = ""
+    refused: str | None = None  # why the association was refused; None: accepted
+    ended: str | None = None  # "released" or "aborted", from the association's events
+    instances: Counter = field(default_factory=Counter)  # C-STORE outcome -> count
+
+    def fields(self, closed_at: float) -> dict:
+        """The audit line's fields: AE titles, address and counts, never anything from a data set."""
+        return {
+            "calling_ae": self.calling_ae, "called_ae": self.called_ae, "address": self.address, "port": self.port,
+            "accepted": self.refused is None, "reason": self.refused,
+            "instances_stored": self.instances["stored"], "instances_ignored": self.instances["ignored"],
+            "instances_refused": self.instances["refused"],
+            "ended": self.ended or "connection closed", "seconds": round(closed_at - self.opened_at, 3),
+        }
+
+
+def rejection_reason(rj: A_ASSOCIATE) -> str:
+    """pynetdicom's own A-ASSOCIATE-RJ as one line, e.g. "rejected transient: local limit exceeded"."""
+    return f"{rj.result_str}: {rj.reason_str}".lower()
 
 
 def is_allowed(allowed: tuple[AllowedPeer, ...], ae_title: str, host: str) -> bool:
@@ -182,6 +223,8 @@ class Receiver:
         self.classify = classify
         self.metrics = metrics
         self._server = None
+        self._audits: dict[Association, AssociationAudit] = {}
+        self._audits_lock = threading.Lock()
 
     def _make_ae(self) -> AE:
         s = self.settings
@@ -199,6 +242,10 @@ class Receiver:
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, lambda event: self._ended(event.assoc, "released")),
+            (evt.EVT_ABORTED, lambda event: self._ended(event.assoc, "aborted")),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -235,25 +282,61 @@ class Receiver:
                 # The file is safe in the spool and is re-indexed at the next start; the sender retries.
                 raise Refused(OUT_OF_RESOURCES, f"queue database unavailable: {exc}") from None
 
+    def _audit(self, assoc: Association) -> AssociationAudit | None:
+        with self._audits_lock:
+            return self._audits.get(assoc)
+
     def _on_connection(self, event) -> None:
         if self.settings.tcp_nodelay:
             # pynetdicom leaves Nagle on; with small DIMSE responses it stalls each C-STORE by ~40 ms.
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = event.address
+        with self._audits_lock:
+            self._audits[event.assoc] = AssociationAudit(host, port, time.monotonic())
 
     def _on_requested(self, event) -> None:
         requestor = event.assoc.requestor
         calling = requestor.primitive.calling_ae_title
+        audit = self._audit(event.assoc)
+        audit.calling_ae, audit.called_ae = calling.strip(), requestor.primitive.called_ae_title.strip()
         if not is_allowed(self.settings.allowed, calling, requestor.address):
-            log.warning("association rejected: caller not on receive.allowed", calling_ae=calling.strip(),
-                        address=requestor.address)
+            audit.refused = "calling AE title not on receive.allowed"
             event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
             # As pynetdicom's own rejections do: wait until the DUL has sent the A-ASSOCIATE-RJ,
             # otherwise the socket is closed under it and the caller only sees an abort.
             event.assoc.kill()
 
+    def _on_accepted(self, event) -> None:
+        if not event.assoc.accepted_contexts:
+            # pynetdicom answers A-ASSOCIATE-AC with every context rejected, then aborts: refused in effect.
+            self._audit(event.assoc).refused = "no presentation context accepted (SOP class or transfer syntax)"
+
+    def _ended(self, assoc: Association, how: str) -> None:
+        audit = self._audit(assoc)
+        if audit is not None:  # a peer's abort can reach the association after its connection closed
+            audit.ended = how
+
+    def _on_connection_closed(self, event) -> None:
+        with self._audits_lock:
+            audit = self._audits.pop(event.assoc, None)
+        if audit is None or audit.calling_ae is None:
+            return
+        # The connection closes in the DUL's thread, which can run ahead of the association's thread
+        # and so fire before its EVT_REJECTED / EVT_ABORTED: hence the A-ASSOCIATE-RJ pynetdicom stores
+        # before sending it, and a peer's A-ABORT still queued for the association's thread.
+        answer = event.assoc.acceptor.primitive
+        if audit.refused is None and answer is not None and answer.result != ACCEPTED:
+            audit.refused = rejection_reason(answer)
+        if audit.ended is None and event.assoc.acse.is_aborted():
+            audit.ended = "aborted"
+        (log.info if audit.refused is None else log.warning)("association ended", **audit.fields(time.monotonic()))
+
     def _on_store(self, event):
         calling = event.assoc.requestor.ae_title.strip()
         affected = str(event.request.AffectedSOPInstanceUID)
+        audit = self._audit(event.assoc)
+        # A peer that aborts just after sending leaves its last C-STORE to be handled after the audit line.
+        counted = audit.instances if audit is not None else Counter()
         try:
             if not self.spool.has_room():
                 raise Refused(OUT_OF_RESOURCES, f"spool has less than {self.spool.min_free_bytes} bytes free")
@@ -262,6 +345,7 @@ class Receiver:
             if found.ignore_reason is not None:
                 log.info("instance ignored", reason=found.ignore_reason, calling_ae=calling,
                          series_uid=found.series_uid, sop_uid=found.sop_uid)
+                counted["ignored"] += 1
                 if self.metrics:
                     self.metrics.ignored.labels(reason_label(found.ignore_reason)).inc()
                 return SUCCESS
@@ -269,9 +353,11 @@ class Receiver:
         except Refused as exc:
             log.warning("instance refused", status=f"0x{exc.status:04X}", reason=exc.reason, calling_ae=calling,
                         sop_uid=affected)
+            counted["refused"] += 1
             if self.metrics:
                 self.metrics.refused.labels(f"0x{exc.status:04X}").inc()
             return status_dataset(exc.status, exc.reason)
+        counted["stored"] += 1
         if self.metrics:
             self.metrics.received.inc()
         return SUCCESS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
+from structlog.testing import capture_logs
 
 from ldct_node.config import AllowedPeer, ReceiveSettings
 from ldct_node.derive import MANUFACTURER
@@ -232,3 +235,88 @@ def test_settings_reach_the_application_entity(node):
     receiver = node(max_pdu=65536, max_associations=3, acse_timeout_s=7.0)
     ae = receiver._make_ae()
     assert (ae.maximum_pdu_size, ae.maximum_associations, ae.acse_timeout) == (65536, 3, 7.0)
+
+
+def audit_lines(logs: list[dict], count: int = 1) -> list[dict]:
+    """The "association ended" lines once `count` are there: each is written when its connection closes,
+    in the receiver's threads, a moment after the caller's release or abort returns."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [e for e in logs if e["event"] == "association ended"]
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.01)
+    pytest.fail(f"{count} audit lines expected, got {lines}")
+
+
+def test_each_association_ends_with_one_audit_line_of_who_what_and_how_long(node):
+    receiver = node()
+    first, second = ct_dataset(rows=16, columns=16), ct_dataset(rows=16, columns=16)
+    with capture_logs() as logs:
+        assoc = associate(receiver, calling="SCANNER")
+        for ds in (first, second, localizer_dataset(rows=16, columns=16), without_pixels(rows=16, columns=16)):
+            assoc.send_c_store(ds)
+        assoc.release()
+        (line,) = audit_lines(logs)
+    assert (line["calling_ae"], line["called_ae"], line["address"], line["accepted"], line["reason"]) == (
+        "SCANNER", receiver.settings.ae_title, "127.0.0.1", True, None)
+    assert (line["instances_stored"], line["instances_ignored"], line["instances_refused"]) == (2, 1, 1)
+    assert line["ended"] == "released" and line["port"] > 0 and 0 <= line["seconds"] < 10
+    assert line["log_level"] == "info"
+    text = str(line)
+    assert str(first.PatientName) not in text and first.PatientID not in text
+
+
+def test_a_caller_off_the_allow_list_gets_a_refused_audit_line_and_no_other(node):
+    receiver = node(allowed=(AllowedPeer("SCANNER"),))
+    with capture_logs() as logs:
+        assert associate(receiver, calling="INTRUDER").is_rejected
+        (line,) = audit_lines(logs)
+    assert (line["calling_ae"], line["accepted"], line["reason"]) == (
+        "INTRUDER", False, "calling AE title not on receive.allowed")
+    assert line["log_level"] == "warning" and line["instances_stored"] == 0
+    assert [e["event"] for e in logs] == ["association ended"]
+
+
+def test_an_association_over_the_limit_is_audited_as_refused_with_pynetdicoms_reason(node):
+    receiver = node(max_associations=1)
+    with capture_logs() as logs:
+        held = associate(receiver, calling="FIRST")
+        assert associate(receiver, calling="SECOND").is_rejected
+        (line,) = audit_lines(logs)
+        held.release()
+        audit_lines(logs, 2)
+    assert (line["calling_ae"], line["accepted"], line["reason"]) == (
+        "SECOND", False, "rejected transient: local limit exceeded")
+
+
+def test_an_association_without_an_acceptable_context_is_audited_as_refused(node):
+    receiver = node()
+    ae = AE(ae_title="MRI")
+    ae.add_requested_context(MRImageStorage)
+    with capture_logs() as logs:
+        assert not ae.associate("127.0.0.1", receiver.port, ae_title=receiver.settings.ae_title).is_established
+        (line,) = audit_lines(logs)
+    assert (line["calling_ae"], line["accepted"], line["ended"]) == ("MRI", False, "aborted")
+    assert line["reason"].startswith("no presentation context accepted")
+
+
+def test_an_association_the_caller_aborts_is_audited_as_aborted(node):
+    receiver = node()
+    with capture_logs() as logs:
+        assoc = associate(receiver)
+        assert int(assoc.send_c_store(ct_dataset(rows=16, columns=16)).Status) == SUCCESS
+        assoc.abort()
+        (line,) = audit_lines(logs)
+    assert (line["accepted"], line["instances_stored"], line["ended"]) == (True, 1, "aborted")
+
+
+def test_a_connection_that_never_asks_for_an_association_is_not_audited(node):
+    receiver = node()
+    with capture_logs() as logs:
+        socket.create_connection(("127.0.0.1", receiver.port)).close()
+        assoc = associate(receiver)  # audited, and closed after the bare connection
+        assoc.release()
+        audit_lines(logs)
+        time.sleep(0.2)
+    assert len([e for e in logs if e["event"] == "association ended"]) == 1
