@@ -178,6 +178,16 @@ def test_evaluation_report_on_the_banks_held_out_vendor_at_one_dose(bank, tiny_w
     assert tiny["per_slice"]["psnr_soft"] == pytest.approx(low_dose["per_slice"]["psnr_soft"])
 
 
+def test_evaluation_at_several_doses_writes_a_report_per_dose_and_one_summary(bank, tiny_weights, tmp_path):
+    report = tmp_path / "report"
+    assert main(["evaluate", "--data", str(bank), "--split", "val", "--dose", "0.1,0.5", "--weights", f"tiny={tiny_weights}",
+                 "--report", str(report), "--device", "cpu"]) == 0
+    noisier, cleaner = (json.loads((report / f"dose-{p}" / "metrics.json").read_text()) for p in ("10", "50"))
+    assert noisier["methods"]["Low-dose input"]["mean"]["psnr_soft"] < cleaner["methods"]["Low-dose input"]["mean"]["psnr_soft"]
+    summary = (report / "summary.md").read_text()
+    assert "## 10 % dose" in summary and "## 50 % dose" in summary and "p (PSNR soft) vs tiny" in summary
+
+
 def test_evaluating_a_noise_bank_needs_a_dose(bank, tiny_weights, tmp_path, capsys):
     assert main(["evaluate", "--data", str(bank), "--split", "val", "--weights", str(tiny_weights),
                  "--report", str(tmp_path / "r")]) == 2

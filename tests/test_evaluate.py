@@ -95,6 +95,12 @@ def test_a_pairs_file_without_the_requested_split_is_a_one_line_error(tiny_set, 
     assert not (tmp_path / "r").exists()
 
 
+def test_a_dose_with_a_pairs_file_is_a_one_line_error(tiny_set, identity_weights, tmp_path, capsys):
+    assert main(["evaluate", "--data", str(tiny_set), "--dose", "0.25", "--weights", str(identity_weights),
+                 "--report", str(tmp_path / "r")]) == 2
+    assert "--dose applies to a noise bank only" in capsys.readouterr().err
+
+
 def test_a_network_named_like_a_baseline_is_refused(tiny_set, identity_weights, tmp_path, capsys):
     assert main(["evaluate", "--weights", f"TV={identity_weights}", "--data", str(tiny_set),
                  "--report", str(tmp_path / "r"), "--device", "cpu"]) == 2

@@ -27,6 +27,7 @@ matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from ldct_node.cli import CommandError  # noqa: E402
 from ldct_node.config import InferenceSettings  # noqa: E402
@@ -34,6 +35,7 @@ from ldct_node.denoise import DenoiseEngine  # noqa: E402
 
 from .bank import VALIDATION_KERNEL, is_bank, load_bank, noise_for  # noqa: E402
 from .baselines import BASELINES, BaselineSettings, bm3d_available, denoise_volume  # noqa: E402
+from .trainer import parse_float_list  # noqa: E402
 from .data import SPLITS, PairSpec, Volume, assign_splits, load_pair, load_pairs  # noqa: E402
 from .metrics import HU_FULL, HU_SOFT_TISSUE, METRIC_LABELS, psnr, slice_metrics  # noqa: E402
 
@@ -217,7 +219,7 @@ def held_out_from_bank(folder: Path, split: str, dose: float, seed: int) -> Held
 def run_method(method: Method, held_out: HeldOut) -> MethodResult:
     result = MethodResult(method.name, method.kind, source=method.source)
     crop_pair, crop_index = held_out.crop_slice()
-    for i, (_, low, normal) in enumerate(held_out.pairs):
+    for i, (_, low, normal) in enumerate(tqdm(held_out.pairs, desc=method.name, unit="volume", leave=False)):
         started = time.perf_counter()
         output = method.denoise(low)
         result.seconds += time.perf_counter() - started
@@ -443,7 +445,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the shipped TSC-Net student. The first is the reference for p-values")
     parser.add_argument("--data", type=Path, required=True, help="pairs file (TOML) naming low-/normal-dose volumes, "
                         "or a noise bank folder (then --dose)")
-    parser.add_argument("--dose", type=float, help="with a noise bank: the dose fraction simulated for every held-out slice")
+    parser.add_argument("--dose", type=parse_float_list, help="with a noise bank: the dose fraction(s) simulated for every held-out "
+                        "slice, e.g. 0.25 or 0.1,0.25,0.5 (several: one report per dose and a summary.md)")
     parser.add_argument("--report", type=Path, default=Path("report"), help="output folder (default: report/)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="which split to evaluate (default: test)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="as in the training run, for pairs without a split")
@@ -453,29 +456,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
 
 
+def dose_folder(report: Path, dose: float, several: bool) -> Path:
+    """One report folder per simulated dose when there are several (report/dose-25 for 25 %)."""
+    return report / f"dose-{dose * 100:g}" if several else report
+
+
+def summary_markdown(reports: dict[float, Report]) -> str:
+    """The results tables of several doses on one page, each with its p-values against the reference."""
+    lines = ["# Evaluation summary over simulated doses", ""]
+    for dose, report in reports.items():
+        rows = [row + [("reference" if row[0] == report.reference else format_p(report.p[row[0]]["psnr_soft"]))]
+                for row in report.summary_rows()]
+        head = report.header() + [f"p (PSNR soft) vs {report.reference}"]
+        lines += [f"## {dose * 100:g} % dose ({report.held_out.slices} slices; details in dose-{dose * 100:g}/report.md)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    lines += ["Notes of every table: see any per-dose report.md.", ""]
+    return "\n".join(lines)
+
+
+def held_out_sets(args: argparse.Namespace) -> dict[float | None, HeldOut]:
+    """The held-out set per dose (a noise bank, one simulated draw per dose), or the pairs file's one set."""
+    if not is_bank(args.data):
+        if args.dose:
+            raise CommandError("--dose applies to a noise bank only: a pairs file brings its own low-dose scans")
+        return {None: load_held_out(args.data, args.split, args.val_fraction, args.test_fraction, args.split_seed)}
+    if not args.dose or not all(0 < d < 1 for d in args.dose):
+        raise CommandError("a noise bank needs --dose, fractions in (0, 1) such as 0.25 or 0.1,0.25,0.5")
+    return {dose: held_out_from_bank(args.data, args.split, dose, args.split_seed) for dose in args.dose}
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size)) if v is not None}
     inference = dataclasses.replace(InferenceSettings(), **overrides)
     specs = [parse_weights(text) for text in args.weights] or [(None, None)]
-    if is_bank(args.data):
-        if args.dose is None or not 0 < args.dose < 1:
-            raise CommandError("a noise bank needs --dose, a fraction in (0, 1) such as 0.25")
-        held_out = held_out_from_bank(args.data, args.split, args.dose, args.split_seed)
-    else:
-        held_out = load_held_out(args.data, args.split, args.val_fraction, args.test_fraction, args.split_seed)
+    held_out_by_dose = held_out_sets(args)
     networks = [network_method(name, path, inference) for name, path in specs]
     names = [m.name for m in networks]
     if len(set(names)) < len(names) or set(names) & {LOW_DOSE, *BASELINES}:
         raise CommandError(f"method names must be unique and differ from {LOW_DOSE}, {', '.join(BASELINES)}: got {', '.join(names)}")
     baseline_settings = BaselineSettings()
     methods = baseline_methods(baseline_settings) + networks
-    results = [run_method(method, held_out) for method in methods]
     reference = networks[0].name
-    report = Report(results, reference, p_values(results, reference), held_out, args.split, args.data,
-                    dataset_citation(held_out, networks), unavailable_methods(), EvaluationSettings(), baseline_settings)
-    written = write_report(report, args.report)
-    for line in report.markdown().splitlines():
-        if line.startswith("|"):
-            print(line)
-    print(f"report written: {', '.join(str(p) for p in written)}")
+    several = len(held_out_by_dose) > 1
+    reports = {}
+    for dose, held_out in held_out_by_dose.items():
+        results = [run_method(method, held_out) for method in methods]
+        report = Report(results, reference, p_values(results, reference), held_out, args.split, args.data,
+                        dataset_citation(held_out, networks), unavailable_methods(), EvaluationSettings(), baseline_settings)
+        written = write_report(report, dose_folder(args.report, dose, several) if dose is not None else args.report)
+        if dose is not None:
+            print(f"{dose * 100:g} % dose:")
+        for line in report.markdown().splitlines():
+            if line.startswith("|"):
+                print(line)
+        print(f"report written: {', '.join(str(p) for p in written)}")
+        reports[dose] = report
+    if several:
+        summary = args.report / "summary.md"
+        summary.write_text(summary_markdown(reports))
+        print(f"summary written: {summary}")
     return 0
