@@ -347,6 +347,23 @@ def test_queue_command_lists_retries_and_purges(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("no jobs")
 
 
+def test_queue_list_shows_the_instance_count_after_retention_removed_the_files(tmp_path, capsys):
+    config_path = write_config(tmp_path)
+    data = tmp_path / "data"
+    spool = Spool(data / "spool")
+    queue = Queue(data / "queue.sqlite3")
+    for sop in ("1.1.1", "1.1.2", "1.1.3"):
+        queue.add_instance("1.1", sop, spool.write_instance("1.1", sop, b"x").path, now=0)
+    queue.promote_quiet(0, now=1)
+    queue.claim_next(now=1)
+    queue.denoised("1.1", "1.1.9", data / "outbox" / "1.1.9", 3, 0, 0.1, [], now=1)
+    assert remove_delivered(queue, spool, keep_days=0, now=2) == ["1.1"]
+    queue.close()
+    assert cli.main(["queue", "list", "--config", str(config_path)]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.split()[:4] == ["1.1", DONE, "1", "3"]
+
+
 def test_echo_command_checks_each_destination(tmp_path, pacs, capsys):
     down = Destination("down", "DOWN", "127.0.0.1", peers.free_port())
     config_path = write_config(tmp_path, [pacs.destination, down])
