@@ -18,13 +18,14 @@ from ldct_train.bank import (
     BankSlices,
     describe_bank,
     draw_dose,
+    draw_kernel,
     load_bank,
     load_manifest,
     mixed,
     noise_for,
     sha256_file,
 )
-from ldct_train.simulate import Kernel
+from ldct_train.simulate import KERNEL_ALPHA_RANGE, KERNEL_CUTOFF_RANGE, KERNELS, Kernel, kernel_window
 from tests.synthetic import ct_series, write_series
 
 SOURCE = '''
@@ -137,6 +138,29 @@ def test_noise_is_scaled_to_the_drawn_dose_and_has_zero_mean(bank):
 def test_doses_are_drawn_over_the_whole_range():
     doses = [draw_dose(np.random.default_rng(s)) for s in range(400)]
     assert 0.05 <= min(doses) < 0.06 and 0.45 < max(doses) <= 0.5
+
+
+def test_drawn_kernels_never_invert_a_frequency_and_the_validation_kernel_is_among_them():
+    """A window below zero would flip the sign of those frequencies: no reconstruction kernel does that."""
+    for seed in range(50):
+        kernel = draw_kernel(np.random.default_rng(seed))
+        assert kernel_window(64, 64, kernel, "cpu").min() >= 0.0
+    assert KERNEL_ALPHA_RANGE[0] <= VALIDATION_KERNEL.alpha <= KERNEL_ALPHA_RANGE[1]
+    assert KERNEL_CUTOFF_RANGE[0] <= VALIDATION_KERNEL.cutoff <= KERNEL_CUTOFF_RANGE[1]
+
+
+def test_training_noise_stays_in_the_range_of_real_soft_tissue_kernels(bank):
+    """The sharpest drawn kernel adds less noise than the bare ramp (bone kernels), the smoothest
+    less than the soft-tissue 'smooth' preset: the range brackets the kernels soft tissue is read in."""
+    item = load_bank(bank, "train")[0]
+    window = (slice(16, 80), slice(16, 80))
+
+    def sd(kernel):
+        return noise_for(item, window, 0.25, kernel, np.random.default_rng(3)).std()
+
+    sharpest = Kernel(KERNEL_ALPHA_RANGE[1], KERNEL_CUTOFF_RANGE[1])
+    smoothest = Kernel(KERNEL_ALPHA_RANGE[0], KERNEL_CUTOFF_RANGE[0])
+    assert sd(smoothest) < sd(KERNELS["smooth"]) < sd(KERNELS["hann"]) < sd(sharpest) < 0.8 * sd(KERNELS["ramp"])
 
 
 def test_every_training_item_gets_new_noise_and_validation_items_are_fixed(bank):

@@ -66,7 +66,7 @@ DOSE_RANGE = (0.05, 0.5)
 # Doses the validation and the evaluation report are measured at.
 REPORT_DOSES = (0.1, 0.25, 0.5)
 # A standard soft-tissue kernel for validation, between the smooth and sharp ends trained on.
-VALIDATION_KERNEL = Kernel(alpha=0.75, cutoff=0.45)
+VALIDATION_KERNEL = Kernel(alpha=0.6, cutoff=0.4)
 # The kernel window is applied to a noise crop this much larger than the patch on every side, so
 # the filter's wrap-around stays outside the patch.
 KERNEL_MARGIN = 16

@@ -77,9 +77,14 @@ KERNELS = {
     "hann": Kernel(0.5, 0.5),  # standard soft tissue
     "smooth": Kernel(0.5, 0.35),  # smooth abdominal / iterative-looking
 }
-# The ranges a training sample's kernel is drawn from span the presets above.
-KERNEL_ALPHA_RANGE = (0.5, 1.0)
-KERNEL_CUTOFF_RANGE = (0.3, 0.5)
+# The ranges a training sample's kernel is drawn from: the soft-tissue presets above and beyond them
+# on both sides, from smoother than "smooth" (cutoff 0.25) to a sharp body kernel with 1.65 × the
+# noise of "hann" (alpha 0.75). Not the bare ramp: at 25 % dose it adds 2.5 × hann's noise (≈ 95 HU
+# in the abdomen), bone-kernel noise that nobody reads soft tissue in, and a range reaching it spent
+# most training samples far above the 20–40 HU that real quarter-dose scans add
+# (bench/noise_spectra.py prints the spectra and σ this range covers).
+KERNEL_ALPHA_RANGE = (0.5, 0.75)
+KERNEL_CUTOFF_RANGE = (0.25, 0.5)
 # HU is defined so that water is 0 and air −1000.
 HU_PER_WATER = 1000.0
 
