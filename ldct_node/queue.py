@@ -38,7 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .logs import get_logger
 from .spool import SpooledInstance
+
+log = get_logger(__name__)
 
 RECEIVED, QUEUED, DENOISING, SENDING, DONE, FAILED = "received", "queued", "denoising", "sending", "done", "failed"
 STATES = (RECEIVED, QUEUED, DENOISING, SENDING, DONE, FAILED)
@@ -52,6 +55,14 @@ KEPT_IN_OUTBOX = "kept in outbox (no destination configured)"
 
 # `ldct-node queue` writes to the same file as the running node; a writer waits this long for the other.
 _BUSY_TIMEOUT_S = 30.0
+
+_INSTANCES_TABLE = """CREATE TABLE IF NOT EXISTS instances (
+    series_uid  TEXT NOT NULL,
+    sop_uid     TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (series_uid, sop_uid)
+);"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -74,13 +85,7 @@ CREATE TABLE IF NOT EXISTS series (
     instances           INTEGER,
     updated_at          REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid     TEXT PRIMARY KEY,
-    series_uid  TEXT NOT NULL,
-    path        TEXT NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
+{instances}
 CREATE TABLE IF NOT EXISTS deliveries (
     series_uid      TEXT NOT NULL,
     destination     TEXT NOT NULL,
@@ -92,7 +97,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at      REAL NOT NULL,
     PRIMARY KEY (series_uid, destination)
 );
-"""
+""".format(instances=_INSTANCES_TABLE)
 
 
 class QueueError(ValueError):
@@ -178,6 +183,8 @@ class Queue:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         _add_missing_columns(self._db)
+        # After the migration, which drops the old table with its indexes: finds a reused SOP Instance UID.
+        self._db.execute("CREATE INDEX IF NOT EXISTS instances_by_sop_uid ON instances (sop_uid)")
 
     def close(self) -> None:
         with self._lock:
@@ -197,13 +204,20 @@ class Queue:
     # --- receive ---------------------------------------------------------------------------
 
     def add_instance(self, series_uid: str, sop_uid: str, path: Path, now: float | None = None) -> None:
-        """Record a spooled instance; a re-sent instance replaces its row (idempotent)."""
+        """Record a spooled instance; a re-sent instance replaces its row (idempotent). A SOP Instance
+        UID another series already holds is kept in both (the spool files them apart) and logged:
+        a modality reusing UIDs must not cost the first series a slice."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO instances (sop_uid, series_uid, path, received_at) VALUES (?, ?, ?, ?)",
-                (sop_uid, series_uid, str(path), now),
+                "INSERT OR REPLACE INTO instances (series_uid, sop_uid, path, received_at) VALUES (?, ?, ?, ?)",
+                (series_uid, sop_uid, str(path), now),
             )
+            others = [r[0] for r in db.execute(
+                "SELECT series_uid FROM instances WHERE sop_uid = ? AND series_uid != ?", (sop_uid, series_uid))]
+            if others:
+                log.warning("SOP Instance UID reused in another series, kept in both", sop_uid=sop_uid,
+                            series_uid=series_uid, other_series_uids=others)
             row = db.execute("SELECT state FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
             if row is None:
                 db.execute(
@@ -237,8 +251,8 @@ class Queue:
         """Add spooled files that have no row (their commit was lost in a crash), dated by their
         modification time so that the quiet period still counts from their arrival. Returns how many."""
         with self._lock:
-            known = {r[0] for r in self._db.execute("SELECT sop_uid FROM instances")}
-        missing = [inst for inst in spooled if inst.sop_uid not in known]
+            known = {(r[0], r[1]) for r in self._db.execute("SELECT series_uid, sop_uid FROM instances")}
+        missing = [inst for inst in spooled if (inst.series_uid, inst.sop_uid) not in known]
         for inst in missing:
             self.add_instance(inst.series_uid, inst.sop_uid, inst.path, now=inst.path.stat().st_mtime)
         return len(missing)
@@ -513,6 +527,18 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     have = {r["name"] for r in db.execute("PRAGMA table_info(series)")}
     if "instances" not in have:
         db.execute("ALTER TABLE series ADD COLUMN instances INTEGER")
+    key = [r["name"] for r in sorted(db.execute("PRAGMA table_info(instances)"), key=lambda r: r["pk"]) if r["pk"]]
+    if key == ["sop_uid"]:
+        # Keyed by SOP Instance UID alone, a UID reused by a second series took the row from the first.
+        db.executescript(
+            "BEGIN IMMEDIATE;"
+            " ALTER TABLE instances RENAME TO instances_by_sop_uid;"
+            f" {_INSTANCES_TABLE}"
+            " INSERT INTO instances (series_uid, sop_uid, path, received_at)"
+            "  SELECT series_uid, sop_uid, path, received_at FROM instances_by_sop_uid;"
+            " DROP TABLE instances_by_sop_uid;"
+            " COMMIT;"
+        )
 
 
 def outputs_complete(outbox: str | None, slices: int | None) -> bool:

@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from ldct_node.queue import (
     DENOISING, DONE, FAILED, KEPT_IN_OUTBOX, PENDING, QUEUED, RECEIVED, SENDING, Queue, QueueError, backoff_delay,
@@ -249,3 +250,41 @@ def test_restart_gives_a_partly_received_series_a_fresh_quiet_period(queue, tmp_
     queue.recover(now=T0 + 100)
     assert queue.promote_quiet(10, now=T0 + 105) == []
     assert queue.promote_quiet(10, now=T0 + 111) == [S]
+
+
+def test_a_sop_instance_uid_reused_by_a_second_series_costs_the_first_no_slice(queue, tmp_path):
+    first = [add(queue, tmp_path, sop, series="1.2.3") for sop in ("1.1", "1.2", "1.3")]
+    with capture_logs() as logs:
+        second = add(queue, tmp_path, "1.2", series="4.5.6")
+    assert (queue.series("1.2.3").instances, queue.series("4.5.6").instances) == (3, 1)
+    queue.promote_quiet(10, now=T0 + 10)
+    jobs = {job.series_uid: job.sources for job in (queue.claim_next(now=T0 + 11), queue.claim_next(now=T0 + 11))}
+    assert jobs == {"1.2.3": first, "4.5.6": [second]}
+    (line,) = [e for e in logs if e["event"] == "SOP Instance UID reused in another series, kept in both"]
+    assert (line["sop_uid"], line["series_uid"], line["other_series_uids"]) == ("1.2", "4.5.6", ["1.2.3"])
+
+
+def test_reindex_restores_a_reused_sop_instance_uid_in_each_series(queue, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    for series in ("1.2.3", "4.5.6"):
+        spool.write_instance(series, "1.1", b"x")
+    assert queue.reindex(spool.scan()) == 2
+    assert queue.reindex(spool.scan()) == 0
+    assert (queue.series("1.2.3").instances, queue.series("4.5.6").instances) == (1, 1)
+
+
+def test_an_instances_table_keyed_by_sop_uid_alone_is_migrated_with_its_rows(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE instances (sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, path TEXT NOT NULL,"
+               " received_at REAL NOT NULL)")
+    db.execute("CREATE INDEX instances_by_series ON instances (series_uid)")
+    db.execute("INSERT INTO instances VALUES ('1.1', ?, '/spool/1.1.dcm', ?)", (S, T0))
+    db.commit()
+    db.close()
+    queue = Queue(path)
+    add(queue, tmp_path, "1.1", series="4.5.6")
+    with sqlite3.connect(path) as check:
+        rows = check.execute("SELECT series_uid, sop_uid FROM instances ORDER BY series_uid").fetchall()
+    assert rows == [(S, "1.1"), ("4.5.6", "1.1")]
+    queue.close()

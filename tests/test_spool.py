@@ -69,3 +69,11 @@ def test_remove_series_deletes_its_folder(tmp_path):
     spool.write_instance(SERIES, SOP, b"x")
     spool.remove_series(SERIES)
     assert not (tmp_path / SERIES).exists()
+
+
+def test_the_same_sop_instance_uid_in_two_series_is_two_files(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    first = spool.write_instance("1.2.3", "1.1", b"first")
+    second = spool.write_instance("4.5.6", "1.1", b"second")
+    assert (first.path.read_bytes(), second.path.read_bytes()) == (b"first", b"second")
+    assert {(i.series_uid, i.sop_uid) for i in spool.scan()} == {("1.2.3", "1.1"), ("4.5.6", "1.1")}
