@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .cli import CommandError
 from .config import load_config
-from .queue import ACTIVE, FAILED, STATES, Queue, QueueError, SeriesRow
+from .queue import ACTIVE, FAILED, PENDING, STATES, Delivery, Queue, QueueError, SeriesRow
 from .spool import Spool
 
 
@@ -54,11 +54,18 @@ def format_table(rows: list[SeriesRow]) -> str:
     for row in rows:
         detail = row.reason or ""
         if row.deliveries:
-            detail = "; ".join(f"{d.destination}={d.state}/{d.attempts}" for d in row.deliveries) + (
-                f"  {detail}" if detail else "")
+            detail = "; ".join(delivery_detail(d) for d in row.deliveries) + (f"  {detail}" if detail else "")
         lines.append(f"{row.series_uid:<64}  {row.state:<9}  {row.run:>3}  {row.instances:>4}  "
                      f"{_when(row.last_received_at):<19}  {detail}")
     return "\n".join(lines)
+
+
+def delivery_detail(d: Delivery) -> str:
+    """destination=state/attempts, and for one that is retrying: when it is next tried, and why it failed."""
+    text = f"{d.destination}={d.state}/{d.attempts}"
+    if d.state == PENDING and d.attempts:
+        text += f" next {_when(d.next_attempt_at)} ({d.error})"
+    return text
 
 
 def _selected(queue: Queue, uids: list[str], states: list[str] | None) -> list[str]:

@@ -137,9 +137,13 @@ class SendSettings:
     ae_title: str = "LDCT_NODE"  # calling AE title used towards destinations
     destinations: tuple[Destination, ...] = ()
     max_pdu: int = 1_048_576
-    attempts: int = 5
+    # A failed delivery is tried again after backoff_initial_s, doubling up to backoff_max_s, and
+    # failed only once it has been pending for give_up_after_s: a PACS down for a night or a
+    # weekend's maintenance window is caught up by itself. attempts > 0 also caps the tries.
+    attempts: int = 0
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 300.0
+    give_up_after_s: float = 86400.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
@@ -276,7 +280,8 @@ def validate(cfg: Config) -> None:
         need(0 < dest.port < 65536, f"send.destinations[{i}].port", "must be 1-65535")
     need(len({d.name for d in cfg.send.destinations}) == len(cfg.send.destinations),
          "send.destinations", "must have unique names")
-    need(cfg.send.attempts >= 1, "send.attempts", "must be at least 1")
+    need(cfg.send.attempts >= 0, "send.attempts", "must be 0 (no limit, only send.give_up_after_s) or more")
+    need(cfg.send.give_up_after_s > 0, "send.give_up_after_s", "must be > 0")
     need(cfg.inference.batch_size >= 1, "inference.batch_size", "must be at least 1")
     need(cfg.inference.chunk_slices >= 1, "inference.chunk_slices", "must be at least 1")
     need(cfg.inference.threads >= 0, "inference.threads", "must be 0 (default) or more")

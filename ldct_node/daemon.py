@@ -36,7 +36,7 @@ from .cli import CommandError
 from .config import Config, load_config
 from .denoise import DenoiseEngine
 from .logs import configure_logging, get_logger
-from .observe import Health, HttpServer, Metrics
+from .observe import DeliveryBacklog, Health, HttpServer, Metrics
 from .queue import Queue
 from .receive import Receiver
 from .send import Sender
@@ -122,6 +122,7 @@ class Node:
                 f"cannot use the data directory {storage.data_dir}: {exc}; fix its permissions or set storage.data_dir"
             ) from None
         self.metrics = Metrics(depth=self.queue.depth, spool_free=self.spool.free_bytes)
+        self.metrics.registry.register(DeliveryBacklog(self.queue.pending_deliveries))
         self.processor = processor or self._load_processor()
         self.receiver = Receiver(cfg.receive, self.spool, self.queue, metrics=self.metrics)
         self.worker = Worker(

@@ -22,6 +22,9 @@ down, the worker or sender thread died, or the spool is below ``receive.min_free
                                                (both 0 while the worker is idle)
 - ``ldct_send_retries_total``                  delivery attempts that failed and will be retried
 - ``ldct_queue_depth{state}``                  series per queue state (read from the database)
+- ``ldct_deliveries_pending{destination}`` / ``ldct_delivery_next_attempt_timestamp_seconds{destination}``
+                                               deliveries waiting (first try or retrying), and the earliest
+                                               next attempt among them (Unix seconds)
 - ``ldct_spool_free_bytes``
 """
 
@@ -63,6 +66,23 @@ class _QueueDepth:
         for state, count in self._depth().items():
             family.add_metric([state], count)
         yield family
+
+
+class DeliveryBacklog:
+    """Reads pending deliveries at scrape time: a destination that is down shows as a growing backlog."""
+
+    def __init__(self, pending: Callable[[], dict[str, tuple[int, float]]]):
+        self._pending = pending
+
+    def collect(self):
+        count = GaugeMetricFamily("ldct_deliveries_pending", "Deliveries waiting to be sent", labels=["destination"])
+        due = GaugeMetricFamily("ldct_delivery_next_attempt_timestamp_seconds",
+                                "Earliest next attempt among pending deliveries", labels=["destination"])
+        for destination, (pending, next_attempt_at) in self._pending().items():
+            count.add_metric([destination], pending)
+            due.add_metric([destination], next_attempt_at)
+        yield count
+        yield due
 
 
 class Metrics:

@@ -13,7 +13,8 @@ Series states (column ``series.state``)::
 - ``queued``: complete, waiting for the worker.
 - ``denoising``: the worker is writing the derived series to ``outbox/<derived series UID>/``.
 - ``sending``: one row per destination in ``deliveries`` (``pending`` → ``done`` | ``failed``),
-  retried with exponential back-off.
+  retried with capped exponential back-off until ``send.give_up_after_s`` (a day by default) has
+  passed since the delivery became pending, so an outage of a PACS heals without a human.
 - ``done``: every destination stored every instance, or no destination is configured
   (``reason`` = "kept in outbox"). ``failed``: ``reason`` says why in one line.
 
@@ -92,6 +93,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state           TEXT NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
+    pending_since   REAL,
     sent            INTEGER,
     error           TEXT,
     updated_at      REAL NOT NULL,
@@ -109,12 +111,35 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
     return min(initial_s * 2 ** (attempt - 1), max_s)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed delivery is tried again, and when it is given up (send.* settings)."""
+
+    backoff_initial_s: float
+    backoff_max_s: float
+    give_up_after_s: float
+    max_attempts: int = 0  # 0: no limit by count, only by time
+
+
+def gives_up(tried: int, pending_for_s: float, policy: RetryPolicy) -> bool:
+    """A delivery that has failed `tried` times while pending for `pending_for_s` is given up."""
+    return pending_for_s >= policy.give_up_after_s or 0 < policy.max_attempts <= tried
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    series_state: str
+    gave_up: bool
+    next_attempt_at: float
+
+
 @dataclass
 class Delivery:
     destination: str
     state: str
     attempts: int
     next_attempt_at: float
+    pending_since: float | None
     sent: int | None
     error: str | None
 
@@ -317,9 +342,9 @@ class Queue:
             if not destinations:
                 return self._finish(db, series_uid, DONE, KEPT_IN_OUTBOX, now)
             db.executemany(
-                "INSERT INTO deliveries (series_uid, destination, state, next_attempt_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(series_uid, name, PENDING, now, now) for name in destinations],
+                "INSERT INTO deliveries (series_uid, destination, state, next_attempt_at, pending_since, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(series_uid, name, PENDING, now, now, now) for name in destinations],
             )
             db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (SENDING, series_uid))
             return SENDING
@@ -371,25 +396,34 @@ class Queue:
             return self._settle(db, series_uid, now)
 
     def delivery_failed(
-        self, series_uid: str, destination: str, error: str, attempts: int, backoff_initial_s: float,
-        backoff_max_s: float, now: float | None = None,
-    ) -> str:
-        """One attempt failed: back off and stay pending, or give up after `attempts` tries.
-        Returns the series state afterwards."""
+        self, series_uid: str, destination: str, error: str, policy: RetryPolicy, now: float | None = None,
+    ) -> FailedAttempt:
+        """One attempt failed: back off and stay pending, or give up as the policy says."""
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                "SELECT attempts FROM deliveries WHERE series_uid = ? AND destination = ?", (series_uid, destination)
+                "SELECT attempts, pending_since FROM deliveries WHERE series_uid = ? AND destination = ?",
+                (series_uid, destination),
             ).fetchone()
             tried = row["attempts"] + 1
-            state = FAILED if tried >= attempts else PENDING
+            gave_up = gives_up(tried, now - row["pending_since"], policy)
+            next_attempt_at = now + backoff_delay(tried, policy.backoff_initial_s, policy.backoff_max_s)
             db.execute(
                 "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, error = ?, updated_at = ?"
                 " WHERE series_uid = ? AND destination = ?",
-                (state, tried, now + backoff_delay(tried, backoff_initial_s, backoff_max_s), error, now,
-                 series_uid, destination),
+                (FAILED if gave_up else PENDING, tried, next_attempt_at, error, now, series_uid, destination),
             )
-            return self._settle(db, series_uid, now)
+            return FailedAttempt(self._settle(db, series_uid, now), gave_up, next_attempt_at)
+
+    def pending_deliveries(self) -> dict[str, tuple[int, float]]:
+        """Per destination: deliveries waiting to be sent, and the earliest next attempt among them."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT d.destination, count(*), min(d.next_attempt_at) FROM deliveries d JOIN series s"
+                " USING (series_uid) WHERE s.state = ? AND d.state = ? GROUP BY d.destination",
+                (SENDING, PENDING),
+            ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def _settle(self, db: sqlite3.Connection, series_uid: str, now: float) -> str:
         rows = db.execute(
@@ -434,9 +468,9 @@ class Queue:
             ).fetchone()[0]
             if failed and outputs_complete(row["outbox"], row["slices"]):
                 db.execute(
-                    "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
+                    "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, pending_since = ?, updated_at = ?"
                     " WHERE series_uid = ? AND state = ?",
-                    (PENDING, now, now, series_uid, FAILED),
+                    (PENDING, now, now, now, series_uid, FAILED),
                 )
                 state = SENDING
             else:
@@ -514,7 +548,8 @@ class Queue:
             fields["instances"] = db.execute(
                 "SELECT count(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0]
         deliveries = [
-            Delivery(r["destination"], r["state"], r["attempts"], r["next_attempt_at"], r["sent"], r["error"])
+            Delivery(r["destination"], r["state"], r["attempts"], r["next_attempt_at"], r["pending_since"], r["sent"],
+                     r["error"])
             for r in db.execute(
                 "SELECT * FROM deliveries WHERE series_uid = ? ORDER BY destination", (series_uid,)
             )
@@ -527,6 +562,10 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     have = {r["name"] for r in db.execute("PRAGMA table_info(series)")}
     if "instances" not in have:
         db.execute("ALTER TABLE series ADD COLUMN instances INTEGER")
+    if "pending_since" not in {r["name"] for r in db.execute("PRAGMA table_info(deliveries)")}:
+        db.execute("ALTER TABLE deliveries ADD COLUMN pending_since REAL")
+        # The last attempt is the closest record of how long an earlier version has been trying.
+        db.execute("UPDATE deliveries SET pending_since = updated_at")
     key = [r["name"] for r in sorted(db.execute("PRAGMA table_info(instances)"), key=lambda r: r["pk"]) if r["pk"]]
     if key == ["sop_uid"]:
         # Keyed by SOP Instance UID alone, a UID reused by a second series took the row from the first.

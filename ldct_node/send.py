@@ -3,7 +3,8 @@
 ``send_series`` is one delivery attempt; the ``Sender`` thread runs the attempts the queue says
 are due and records each outcome (``Queue.delivered`` / ``Queue.delivery_failed``), which applies
 the exponential back-off (``send.backoff_initial_s`` doubling up to ``send.backoff_max_s``) and
-fails the delivery after ``send.attempts`` tries with the last reason. Every C-STORE response
+fails the delivery with the last reason once it has been pending for ``send.give_up_after_s``
+(or after ``send.attempts`` tries when that is set). Every C-STORE response
 status is checked: success and warnings (0xB000, 0xB006, 0xB007: stored with remarks) count as
 stored; anything else fails the attempt, and the whole series is sent again on the next one
 (the derived UIDs are fixed, so the destination sees replacements, never copies).
@@ -25,7 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from .config import Destination, SendSettings
 from .logs import get_logger
 from .observe import Metrics
-from .queue import DONE, FAILED, DueDelivery, Queue
+from .queue import DONE, FAILED, DueDelivery, Queue, RetryPolicy
 
 log = get_logger(__name__)
 
@@ -50,6 +51,10 @@ class SendResult:
 def status_stored(status: int) -> bool:
     """A C-STORE response status that means the destination has the instance."""
     return status == 0x0000 or status in WARNING_STATUSES
+
+
+def retry_policy(settings: SendSettings) -> RetryPolicy:
+    return RetryPolicy(settings.backoff_initial_s, settings.backoff_max_s, settings.give_up_after_s, settings.attempts)
 
 
 def make_ae(settings: SendSettings, transfer_syntaxes: list[str]) -> AE:
@@ -172,15 +177,14 @@ class Sender(threading.Thread):
         return self._settled(delivery.series_uid, state)
 
     def _failed(self, delivery: DueDelivery, reason: str, bound) -> str:
-        state = self.queue.delivery_failed(
-            delivery.series_uid, delivery.destination, reason, self.settings.attempts,
-            self.settings.backoff_initial_s, self.settings.backoff_max_s,
-        )
-        final = delivery.attempts + 1 >= self.settings.attempts
-        (bound.error if final else bound.warning)("delivery attempt failed", reason=reason, gave_up=final)
-        if self.metrics and not final:
+        outcome = self.queue.delivery_failed(delivery.series_uid, delivery.destination, reason,
+                                             retry_policy(self.settings))
+        retry = {} if outcome.gave_up else {"next_attempt_in_s": round(outcome.next_attempt_at - time.time(), 1)}
+        (bound.error if outcome.gave_up else bound.warning)(
+            "delivery attempt failed", reason=reason, gave_up=outcome.gave_up, **retry)
+        if self.metrics and not outcome.gave_up:
             self.metrics.send_retries.inc()
-        return self._settled(delivery.series_uid, state)
+        return self._settled(delivery.series_uid, outcome.series_state)
 
     def _settled(self, series_uid: str, state: str) -> str:
         if state in (DONE, FAILED) and self.on_finished:

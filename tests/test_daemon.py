@@ -28,7 +28,7 @@ from ldct_node.config import (
     StorageSettings,
 )
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
-from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, Queue
+from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, SENDING, Queue
 from ldct_node.spool import Spool
 from ldct_node.worker import Worker, remove_delivered
 from tests import peers
@@ -163,6 +163,44 @@ def test_healthz_is_503_while_the_spool_is_below_its_minimum(nodes, tiny_weights
     status, body = http_get(node, "/healthz")
     assert status == 503 and json.loads(body)["ok"] is False
     assert node.alive()  # a full disk is not a hang: the watchdog keeps being fed
+
+
+def metric_samples(node: Node) -> dict:
+    status, body = http_get(node, "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def test_a_destination_down_past_the_old_five_tries_gets_the_series_once_it_is_back(nodes, tiny_weights, tmp_path,
+                                                                                    capsys):
+    port = peers.free_port()
+    cfg = config(tmp_path, tiny_weights, [Destination("pacs", "PACS", "127.0.0.1", port)])
+    cfg = dataclasses.replace(cfg, send=dataclasses.replace(
+        cfg.send, attempts=0, give_up_after_s=60, backoff_initial_s=0.05, backoff_max_s=0.2))
+    node = nodes(cfg)
+    series = ct_series(2, rows=16, columns=16)
+    uid = series[0].SeriesInstanceUID
+    send(node, series)
+    deadline = time.monotonic() + WAIT_S
+    while not (node.queue.series(uid) and node.queue.series(uid).deliveries
+               and node.queue.series(uid).deliveries[0].attempts >= 6):
+        assert time.monotonic() < deadline, node.queue.series(uid)
+        time.sleep(0.05)
+    assert node.queue.series(uid).state == SENDING
+    samples = metric_samples(node)
+    assert samples[("ldct_deliveries_pending", (("destination", "pacs"),))] == 1
+    assert samples[("ldct_delivery_next_attempt_timestamp_seconds", (("destination", "pacs"),))] > time.time() - 5
+    assert cli.main(["queue", "list", "--config", str(write_config(tmp_path))]) == 0
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if row.startswith(uid)]
+    assert "pacs=pending/" in line and " next " in line and "could not be reached" in line
+    pacs = Pacs(port=port)
+    try:
+        wait_state(node.queue, uid, DONE)
+        assert len(pacs.stored) == 2
+    finally:
+        pacs.stop()
+    assert metric_samples(node).get(("ldct_deliveries_pending", (("destination", "pacs"),))) is None
 
 
 def test_restart_requeues_a_series_cut_off_mid_denoise(nodes, pacs, tiny_weights, tmp_path):

@@ -9,13 +9,17 @@ import pytest
 from structlog.testing import capture_logs
 
 from ldct_node.queue import (
-    DENOISING, DONE, FAILED, KEPT_IN_OUTBOX, PENDING, QUEUED, RECEIVED, SENDING, Queue, QueueError, backoff_delay,
-    outputs_complete,
+    DENOISING, DONE, FAILED, KEPT_IN_OUTBOX, PENDING, QUEUED, RECEIVED, SENDING, Queue, QueueError, RetryPolicy,
+    backoff_delay, gives_up, outputs_complete,
 )
+from ldct_node.config import SendSettings
+from ldct_node.send import retry_policy
 from ldct_node.spool import Spool
 
 S = "1.2.3"
 T0 = 1_000_000.0
+THREE_TRIES = RetryPolicy(backoff_initial_s=5, backoff_max_s=60, give_up_after_s=86400, max_attempts=3)
+ONE_TRY = RetryPolicy(backoff_initial_s=5, backoff_max_s=60, give_up_after_s=86400, max_attempts=1)
 
 
 @pytest.fixture
@@ -121,19 +125,19 @@ def test_delivered_to_every_destination_is_done(queue, tmp_path):
 
 def test_failed_attempt_backs_off_then_gives_up_with_the_reason(queue, tmp_path):
     to_sending(queue, tmp_path)
-    assert queue.delivery_failed(S, "pacs", "refused", 3, 5, 60, now=T0 + 20) == SENDING
+    assert queue.delivery_failed(S, "pacs", "refused", THREE_TRIES, now=T0 + 20).series_state == SENDING
     (delivery,) = queue.series(S).deliveries
     assert (delivery.state, delivery.attempts, delivery.next_attempt_at) == (PENDING, 1, T0 + 25)
     assert queue.due_deliveries(now=T0 + 24) == []
-    queue.delivery_failed(S, "pacs", "refused", 3, 5, 60, now=T0 + 25)
-    assert queue.delivery_failed(S, "pacs", "still refused", 3, 5, 60, now=T0 + 35) == FAILED
+    queue.delivery_failed(S, "pacs", "refused", THREE_TRIES, now=T0 + 25)
+    assert queue.delivery_failed(S, "pacs", "still refused", THREE_TRIES, now=T0 + 35).series_state == FAILED
     row = queue.series(S)
     assert row.reason == "pacs: still refused (after 3 attempts)"
 
 
 def test_retry_of_a_send_failure_sends_again_when_outputs_are_kept(queue, tmp_path):
     to_sending(queue, tmp_path)
-    queue.delivery_failed(S, "pacs", "down", 1, 5, 60)
+    queue.delivery_failed(S, "pacs", "down", ONE_TRY)
     assert queue.retry(S) == SENDING
     (delivery,) = queue.series(S).deliveries
     assert (delivery.state, delivery.attempts) == (PENDING, 0)
@@ -141,7 +145,7 @@ def test_retry_of_a_send_failure_sends_again_when_outputs_are_kept(queue, tmp_pa
 
 def test_retry_denoises_again_when_outputs_are_gone(queue, tmp_path):
     out = to_sending(queue, tmp_path)
-    queue.delivery_failed(S, "pacs", "down", 1, 5, 60)
+    queue.delivery_failed(S, "pacs", "down", ONE_TRY)
     next(out.iterdir()).unlink()
     assert queue.retry(S) == QUEUED
     assert queue.series(S).deliveries == []
@@ -287,4 +291,57 @@ def test_an_instances_table_keyed_by_sop_uid_alone_is_migrated_with_its_rows(tmp
     with sqlite3.connect(path) as check:
         rows = check.execute("SELECT series_uid, sop_uid FROM instances ORDER BY series_uid").fetchall()
     assert rows == [(S, "1.1"), ("4.5.6", "1.1")]
+    queue.close()
+
+
+def test_the_default_schedule_retries_at_most_five_minutes_apart_for_a_day_before_failing(queue, tmp_path):
+    to_sending(queue, tmp_path)  # pending since T0 + 12
+    policy, now, attempts = retry_policy(SendSettings()), T0 + 12, []
+    while True:
+        outcome = queue.delivery_failed(S, "pacs", "PACS down", policy, now=now)
+        attempts.append(now)
+        if outcome.gave_up:
+            break
+        assert outcome.next_attempt_at - now <= 300
+        now = outcome.next_attempt_at
+    assert attempts[-1] - attempts[0] >= 86400
+    assert queue.series(S).state == FAILED
+
+
+def test_a_delivery_pending_for_give_up_after_s_is_given_up_whatever_its_tries():
+    policy = RetryPolicy(backoff_initial_s=1, backoff_max_s=1, give_up_after_s=60)
+    assert not gives_up(tried=10_000, pending_for_s=59.9, policy=policy)
+    assert gives_up(tried=1, pending_for_s=60, policy=policy)
+    assert gives_up(tried=3, pending_for_s=0, policy=RetryPolicy(1, 1, 60, max_attempts=3))
+
+
+def test_retry_restarts_the_give_up_clock(queue, tmp_path):
+    to_sending(queue, tmp_path)
+    short = RetryPolicy(backoff_initial_s=1, backoff_max_s=1, give_up_after_s=10)
+    assert queue.delivery_failed(S, "pacs", "down", short, now=T0 + 30).gave_up
+    queue.retry(S, now=T0 + 100)
+    assert not queue.delivery_failed(S, "pacs", "down", short, now=T0 + 105).gave_up
+
+
+def test_pending_deliveries_name_each_destination_with_its_next_attempt(queue, tmp_path):
+    to_sending(queue, tmp_path, destinations=("a", "b"))
+    queue.delivery_failed(S, "a", "down", THREE_TRIES, now=T0 + 20)
+    assert queue.pending_deliveries() == {"a": (1, T0 + 25), "b": (1, T0 + 12)}
+    queue.delivered(S, "b", 2, now=T0 + 21)
+    assert queue.pending_deliveries() == {"a": (1, T0 + 25)}
+
+
+def test_deliveries_of_an_earlier_version_get_a_give_up_clock(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE deliveries (series_uid TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL,"
+               " attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, sent INTEGER, error TEXT,"
+               " updated_at REAL NOT NULL, PRIMARY KEY (series_uid, destination))")
+    db.execute("INSERT INTO deliveries VALUES (?, 'pacs', ?, 2, ?, NULL, 'down', ?)", (S, PENDING, T0 + 20, T0 + 10))
+    db.commit()
+    db.close()
+    queue = Queue(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT pending_since FROM deliveries").fetchone() == (T0 + 10,)
+    db.close()
     queue.close()

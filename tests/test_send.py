@@ -19,14 +19,14 @@ SETTINGS = SendSettings(attempts=2, backoff_initial_s=5.0, backoff_max_s=5.0, ac
 class Pacs:
     """An in-process C-STORE SCP that answers `status` and remembers what it stored, per association."""
 
-    def __init__(self, status: int = 0x0000):
+    def __init__(self, status: int = 0x0000, port: int = 0):
         self.status = status
         self.stored: list[str] = []
         self.associations = 0
         ae = AE(ae_title="PACS")
         ae.add_supported_context(CTImageStorage)
         ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._store), (evt.EVT_ACCEPTED, self._accepted), (evt.EVT_C_ECHO, lambda e: 0)])
         self.destination = Destination("pacs", "PACS", "127.0.0.1", self.server.server_address[1])
 
