@@ -164,6 +164,8 @@ class StorageSettings:
     data_dir: Path = field(default_factory=default_data_dir)
     # Spooled input and derived output are removed after delivery unless kept this many days.
     keep_days: float = 0.0
+    # While the outbox volume is full the worker waits this long between tries; the series stays queued.
+    disk_full_retry_s: float = 60.0
 
     @property
     def spool_dir(self) -> Path:
@@ -319,6 +321,7 @@ def validate(cfg: Config) -> None:
     need(cfg.send.max_pdu >= 4096 or cfg.send.max_pdu == 0, "send.max_pdu", "must be 0 (unlimited) or >= 4096")
     need(0 < cfg.http.port < 65536, "http.port", "must be 1-65535")
     need(cfg.storage.keep_days >= 0, "storage.keep_days", "must be >= 0")
+    need(cfg.storage.disk_full_retry_s > 0, "storage.disk_full_retry_s", "must be > 0")
 
 
 def load_config(path: Path | None = None) -> Config:

@@ -127,7 +127,7 @@ class Node:
         self.receiver = Receiver(cfg.receive, self.spool, self.queue, metrics=self.metrics)
         self.worker = Worker(
             self.queue, self.processor, storage.outbox_dir, [d.name for d in cfg.send.destinations],
-            cfg.queue.poll_interval_s, self.metrics, self._finished,
+            cfg.queue.poll_interval_s, self.metrics, self._finished, storage.disk_full_retry_s,
         )
         self.sender = Sender(self.queue, cfg.send, cfg.queue.poll_interval_s, self.metrics, self._finished)
         self.housekeeper = threading.Thread(target=self._housekeeping_loop, name="ldct-housekeeping", daemon=True)
@@ -180,6 +180,7 @@ class Node:
             spool_free_bytes=self.spool.free_bytes(),
             spool_min_free_bytes=self.spool.min_free_bytes,
             queue=self.queue.depth(),
+            degraded=tuple(reason for reason in (self.worker.waiting_for_space,) if reason),
         )
 
     def alive(self) -> bool:

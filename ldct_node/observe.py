@@ -1,8 +1,9 @@
 """Health and metrics over HTTP.
 
 ``GET /healthz``: JSON ``{"ok", "receiver_up", "worker_alive", "sender_alive", "spool_free_bytes",
-"spool_min_free_bytes", "queue": {state: count}}``; 200 when all is well, 503 when the receiver is
-down, the worker or sender thread died, or the spool is below ``receive.min_free_bytes``.
+"spool_min_free_bytes", "queue": {state: count}, "degraded": [reason ...]}``; 200 when all is well,
+503 when the receiver is down, the worker or sender thread died, the spool is below
+``receive.min_free_bytes``, or ``degraded`` names a reason (the outbox volume is full).
 
 ``GET /metrics``: Prometheus text format, from a registry of our own (no process-global state):
 
@@ -156,11 +157,12 @@ class Health:
     spool_free_bytes: int
     spool_min_free_bytes: int
     queue: dict[str, int]
+    degraded: tuple[str, ...] = ()  # one line per reason the node cannot do its work now (outbox full)
 
     @property
     def ok(self) -> bool:
         return (self.receiver_up and self.worker_alive and self.sender_alive and self.housekeeper_alive
-                and self.spool_free_bytes >= self.spool_min_free_bytes)
+                and self.spool_free_bytes >= self.spool_min_free_bytes and not self.degraded)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, **self.__dict__}

@@ -310,7 +310,7 @@ class Queue:
             if row is None:
                 return None
             db.execute(
-                "UPDATE series SET state = ?, started_at = ?, updated_at = ? WHERE series_uid = ?",
+                "UPDATE series SET state = ?, started_at = ?, reason = NULL, updated_at = ? WHERE series_uid = ?",
                 (DENOISING, now, now, row["series_uid"]),
             )
             paths = [Path(r[0]) for r in db.execute(
@@ -348,6 +348,17 @@ class Queue:
             )
             db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (SENDING, series_uid))
             return SENDING
+
+    def requeue(self, series_uid: str, reason: str, now: float | None = None) -> str:
+        """The run could not finish for a reason outside the series (a full outbox): queued again,
+        first in line as before, with the reason shown until it is claimed."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET state = ?, started_at = NULL, reason = ?, updated_at = ? WHERE series_uid = ?",
+                (QUEUED, reason, now, series_uid),
+            )
+        return QUEUED
 
     def finish(self, series_uid: str, state: str, reason: str, now: float | None = None) -> str:
         """End the current run as done or failed (worker failures, nothing to denoise)."""

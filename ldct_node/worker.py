@@ -8,7 +8,10 @@ it ``done`` with "kept in outbox" when no destination is configured. Any failure
 (a corrupt spooled file, no axial CT image in it ...) marks only that series ``failed`` with a
 one-line reason; the worker carries on with the next. So does the HU fidelity gate: a series
 whose soft-tissue HU changed beyond a ``[fidelity]`` limit is failed with that reason, its derived
-files are removed and nothing is sent (``queue retry`` denoises it again). While a series is
+files are removed and nothing is sent (``queue retry`` denoises it again). A full outbox volume
+is not the series' fault: it goes back to ``queued`` with a one-line reason, the worker pauses for
+``storage.disk_full_retry_s`` and tries again, so the node heals once space returns, and /healthz
+says why it is degraded meanwhile. While a series is
 denoised, slices done / total go to /metrics after every chunk and to the log ("denoising
 progress") every few seconds.
 
@@ -17,6 +20,7 @@ Retention (``remove_delivered``) also lives here because the worker owns the out
 
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 import time
@@ -84,6 +88,18 @@ class SeriesProgress:
             self.log.info("denoising progress", slices_done=done, slices_total=total)
 
 
+def disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT behind exc, however a library re-raised it; None for any other failure."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def reset_dir(path: Path) -> None:
     """An empty directory: files of an earlier run with other inputs must not be sent with this one."""
     shutil.rmtree(path, ignore_errors=True)
@@ -100,6 +116,7 @@ class Worker(threading.Thread):
         poll_interval_s: float,
         metrics: Metrics | None = None,
         on_finished: Callable[[str, str], None] | None = None,
+        disk_full_retry_s: float = 60.0,
     ):
         super().__init__(name="ldct-worker", daemon=True)
         self.queue = queue
@@ -110,6 +127,10 @@ class Worker(threading.Thread):
         self.metrics = metrics
         # Called with (series_uid, state) when a series ends here as done or failed.
         self.on_finished = on_finished
+        self.disk_full_retry_s = disk_full_retry_s
+        # The one-line reason while the outbox volume is full (for /healthz); None when writing works.
+        self.waiting_for_space: str | None = None
+        self._retry_at = 0.0
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -118,7 +139,9 @@ class Worker(threading.Thread):
                 self.stopping.wait(self.poll_interval_s)
 
     def step(self) -> bool:
-        """One turn: process one queued series. False when there was nothing to do."""
+        """One turn: process one queued series. False when there was nothing to do (or the disk is full)."""
+        if self.waiting_for_space and time.monotonic() < self._retry_at:
+            return False
         job = self.queue.claim_next()
         if job is None:
             return False
@@ -135,10 +158,15 @@ class Worker(threading.Thread):
             reset_dir(out_dir)
             result = self.processor.run(job.sources, out_dir, SeriesProgress(bound, self.metrics))
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
+            full = disk_full(exc)
+            if full is not None:
+                return self._wait_for_space(job, full, bound)
+            self.waiting_for_space = None
             return self._finish(job, FAILED, one_line(exc), bound)
         finally:
             if self.metrics:
                 self.metrics.series_progress(0, 0)  # no series in progress: a stale total would look stuck
+        self.waiting_for_space = None
         for skipped in result.skipped:
             bound.info("instance skipped", file=skipped.path.name, reason=skipped.reason)
         if not result.files:
@@ -164,6 +192,16 @@ class Worker(threading.Thread):
         if state == DONE:
             self._finished(job.series_uid, DONE)
         return state
+
+    def _wait_for_space(self, job: Job, error: OSError, bound) -> str:
+        # A partial output only holds space that the next try (of any series) needs.
+        shutil.rmtree(self.outbox_root / self.processor.output_series_uid(job.series_uid), ignore_errors=True)
+        reason = (f"outbox volume full ({error.strerror or 'no space left'}): waiting,"
+                  f" trying again every {self.disk_full_retry_s:g} s")
+        self.waiting_for_space = reason
+        self._retry_at = time.monotonic() + self.disk_full_retry_s
+        bound.warning("series waits for disk space", reason=reason)
+        return self.queue.requeue(job.series_uid, reason)
 
     def _finish(self, job: Job, state: str, reason: str, bound) -> str:
         (bound.error if state == FAILED else bound.info)("series finished", state=state, reason=reason)

@@ -4,6 +4,7 @@ recovery, health/metrics, systemd notification, and the `queue` and `echo` comma
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from structlog.testing import capture_logs
 
-from ldct_node import cli
+from ldct_node import cli, derive
 from ldct_node.config import (
     Config, Destination, FidelitySettings, HttpSettings, InferenceSettings, ModelSettings, QueueSettings, ReceiveSettings, SendSettings,
     StorageSettings,
@@ -30,7 +31,7 @@ from ldct_node.config import (
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
 from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, SENDING, Queue
 from ldct_node.spool import Spool
-from ldct_node.worker import Worker, remove_delivered
+from ldct_node.worker import Worker, disk_full, remove_delivered
 from tests import peers
 from tests.synthetic import ct_series
 from tests.test_send import Pacs
@@ -201,6 +202,52 @@ def test_a_destination_down_past_the_old_five_tries_gets_the_series_once_it_is_b
     finally:
         pacs.stop()
     assert metric_samples(node).get(("ldct_deliveries_pending", (("destination", "pacs"),))) is None
+
+
+def test_a_full_outbox_keeps_the_series_queued_says_why_and_heals_when_space_returns(
+        nodes, tiny_weights, tmp_path, monkeypatch):
+    disk = {"full": True}
+    real_atomic_write = derive.atomic_write
+
+    def outbox_volume(path, write):
+        def no_space(fh):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_atomic_write(path, no_space if disk["full"] else write)
+
+    monkeypatch.setattr(derive, "atomic_write", outbox_volume)
+    cfg = config(tmp_path, tiny_weights)
+    node = nodes(dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, disk_full_retry_s=0.3)))
+    series = ct_series(2, rows=16, columns=16)
+    uid = series[0].SeriesInstanceUID
+    send(node, series)
+    deadline = time.monotonic() + WAIT_S
+    while not (node.queue.series(uid) and node.queue.series(uid).reason):
+        assert time.monotonic() < deadline, node.queue.series(uid)
+        time.sleep(0.05)
+    row = node.queue.series(uid)
+    assert row.state == QUEUED, row.reason
+    assert row.reason == "outbox volume full (No space left on device): waiting, trying again every 0.3 s"
+    status, body = http_get(node, "/healthz")
+    assert status == 503 and json.loads(body)["degraded"] == [row.reason]
+    assert not list((tmp_path / "data" / "outbox").rglob("*.dcm"))
+    disk["full"] = False
+    row = wait_state(node.queue, uid, DONE)
+    assert row.slices == 2
+    status, body = http_get(node, "/healthz")
+    assert status == 200 and json.loads(body)["degraded"] == []
+    assert metric_samples(node)[("ldct_series_failed_total", ())] == 0
+
+
+def test_disk_full_is_found_behind_a_library_that_re_raised_it():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("cannot write dataset") from exc
+    except RuntimeError as wrapped:
+        assert disk_full(wrapped).errno == errno.ENOSPC
+    assert disk_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert disk_full(ValueError("bad slice")) is None
 
 
 def test_restart_requeues_a_series_cut_off_mid_denoise(nodes, pacs, tiny_weights, tmp_path):
