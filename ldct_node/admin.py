@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .cli import CommandError
 from .config import load_config
-from .queue import ACTIVE, FAILED, PENDING, STATES, Delivery, Queue, QueueError, SeriesRow
+from .queue import ACTIVE, FAILED, PENDING, STATES, Delivery, Queue, QueueDamaged, QueueError, SeriesRow
 from .spool import Spool
 
 
@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not cfg.storage.database.is_file():
         raise CommandError(f"no queue database at {cfg.storage.database}: has the node run with this configuration?")
-    queue = Queue(cfg.storage.database)
+    try:
+        queue = Queue(cfg.storage.database)
+    except QueueDamaged as exc:
+        raise CommandError(f"{exc}; restart the node: it sets the file aside and rebuilds the queue from the spool") from None
     try:
         if args.action == "list":
             rows = queue.jobs(tuple(args.state) if args.state else STATES)

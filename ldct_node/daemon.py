@@ -2,7 +2,7 @@
 
 Start-up, in order: configuration (one-line error on a bad file) → logging → the data directory's
 lock (one node per data directory; a second one exits with a one-line error) → spool and queue
-(restart recovery: interrupted denoising is queued again, spooled files without a row are
+(a damaged queue database is moved aside and rebuilt from the spool; restart recovery: interrupted denoising is queued again, spooled files without a row are
 re-indexed, sending resumes) → model, loaded once (one-line WeightsError if missing) →
 receiver (C-STORE SCP) → worker thread (assembly + denoise) → sender thread → HTTP
 (/healthz, /metrics) → housekeeping thread (series assembly after the quiet period, retention) →
@@ -37,7 +37,7 @@ from .config import Config, load_config
 from .denoise import DenoiseEngine
 from .logs import configure_logging, get_logger
 from .observe import DeliveryBacklog, Health, HttpServer, Metrics
-from .queue import Queue
+from .queue import open_queue
 from .receive import Receiver
 from .send import Sender
 from .spool import Spool
@@ -116,7 +116,7 @@ class Node:
         try:
             self.spool = Spool(storage.spool_dir, cfg.receive.min_free_bytes)
             storage.outbox_dir.mkdir(parents=True, exist_ok=True)
-            self.queue = Queue(storage.database)
+            self.queue = open_queue(storage.database)
         except (OSError, sqlite3.Error) as exc:
             raise CommandError(
                 f"cannot use the data directory {storage.data_dir}: {exc}; fix its permissions or set storage.data_dir"

@@ -24,6 +24,11 @@ row was lost are re-indexed. An instance arriving for a ``done``/``failed`` seri
 (``run`` + 1) of the same series, whose output carries the same UIDs, so PACS sees a replacement.
 An instance arriving during ``denoising``/``sending`` is picked up by a new run once that one ends.
 
+A damaged database file (torn by a disk fault, zeroed, overwritten) is no reason for a hospital node
+to stay down: ``open_queue`` moves it aside as ``<name>.damaged-<UTC time>`` for inspection and
+starts an empty one, which restart recovery fills again from the spool (``reindex``); the derived
+UIDs are deterministic, so series sent before reach PACS again as replacements, never copies.
+
 Observe it from outside with ``ldct-node queue list --json`` (see ``SeriesRow``).
 All writes happen in one transaction each, behind one lock, so the C-STORE threads, the worker
 and the sender can share a Queue.
@@ -104,6 +109,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
 
 class QueueError(ValueError):
     """A request the queue cannot honour (unknown series, wrong state), as one line."""
+
+
+class QueueDamaged(Exception):
+    """The queue database file is not a sound SQLite database; the message is one line."""
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """SQLite found the file corrupt or not a database at all (not locked, read-only or missing)."""
+    # Extended result codes carry the primary code in their low byte.
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
@@ -202,7 +217,18 @@ class Queue:
                                    timeout=_BUSY_TIMEOUT_S)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # Damage in any page shows here, at start, rather than as a failed C-STORE or a stuck series later.
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if is_damage(exc):
+                raise QueueDamaged(f"queue database {database} is damaged: {exc}") from None
+            raise
+        if problems != ["ok"]:
+            self._db.close()
+            raise QueueDamaged(f"queue database {database} is damaged: {problems[0]}")
         # NORMAL in WAL mode survives a killed process; after a power cut the last commits may be
         # missing, which `reindex` repairs from the spool (the spooled file is fsynced first).
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -566,6 +592,28 @@ class Queue:
             )
         ]
         return SeriesRow(deliveries=deliveries, **fields)
+
+
+def open_queue(database: Path, now: float | None = None) -> Queue:
+    """The node's queue. A damaged file is moved aside and an empty queue started in its place;
+    the caller rebuilds it from the spool (Queue.reindex)."""
+    try:
+        return Queue(database)
+    except QueueDamaged as exc:
+        aside = set_aside(database, time.time() if now is None else now)
+        log.error("queue database damaged: moved aside, rebuilding the queue from the spool", moved_to=str(aside),
+                  error=str(exc))
+        return Queue(database)
+
+
+def set_aside(database: Path, now: float) -> Path:
+    """Rename the database (and its WAL, which belongs to it alone) to <name>.damaged-<UTC time>."""
+    aside = database.with_name(f"{database.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}")
+    for suffix in ("", "-wal", "-shm"):
+        part = database.with_name(database.name + suffix)
+        if part.exists():
+            part.replace(aside.with_name(aside.name + suffix))
+    return aside
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

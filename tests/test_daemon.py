@@ -250,6 +250,59 @@ def test_disk_full_is_found_behind_a_library_that_re_raised_it():
     assert disk_full(ValueError("bad slice")) is None
 
 
+def truncate_to_half(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def zero_second_page(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(4096)
+        fh.write(bytes(4096))
+
+
+def overwrite_with_random_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+@pytest.mark.parametrize("damage", [truncate_to_half, zero_second_page, overwrite_with_random_bytes])
+def test_a_damaged_queue_database_is_moved_aside_and_rebuilt_from_the_spool(tmp_path, damage):
+    cfg = dataclasses.replace(config(tmp_path, tmp_path / "none.safetensors"), http=HttpSettings(enabled=False))
+    spool = Spool(cfg.storage.spool_dir)
+    queue = Queue(cfg.storage.database)
+    for series in range(20):  # several pages, so that a page can be damaged and the rest still read
+        for sop in range(10):
+            uid = f"1.{series}"
+            queue.add_instance(uid, f"{uid}.{sop}", spool.write_instance(uid, f"{uid}.{sop}", b"x").path, now=0)
+    queue.close()
+    assert cfg.storage.database.stat().st_size >= 3 * 4096
+    damage(cfg.storage.database)
+    damaged = cfg.storage.database.read_bytes()
+    with capture_logs() as logs:
+        node = Node(cfg, FakeProcessor())
+        node.start()
+    try:
+        (line,) = [e for e in logs if e["event"].startswith("queue database damaged")]
+        aside = Path(line["moved_to"])
+        assert aside.name.startswith("queue.sqlite3.damaged-") and aside.read_bytes() == damaged
+        assert "\n" not in line["error"]
+        for series in range(20):
+            wait_state(node.queue, f"1.{series}", DONE)
+        assert {row.instances for row in node.queue.jobs()} == {10}
+    finally:
+        node.stop()
+
+
+def test_queue_command_on_a_damaged_database_says_so_in_one_line(tmp_path, capsys):
+    config_path = write_config(tmp_path)
+    database = tmp_path / "data" / "queue.sqlite3"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(os.urandom(8192))
+    assert cli.main(["queue", "list", "--config", str(config_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is damaged" in err and "rebuilds the queue from the spool" in err and len(err.splitlines()) == 1
+    assert "permissions" not in err
+
+
 def test_restart_requeues_a_series_cut_off_mid_denoise(nodes, pacs, tiny_weights, tmp_path):
     cfg = config(tmp_path, tiny_weights, [pacs.destination])
     first = Node(cfg)
