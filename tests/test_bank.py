@@ -175,6 +175,14 @@ def test_every_training_item_gets_new_noise_and_validation_items_are_fixed(bank)
     assert torch.equal(val[1]["low"], val[1]["low"]) and val[0]["low"].shape == (1, 96, 96)
 
 
+def test_a_clean_fraction_of_training_items_carries_no_noise_and_the_rest_do(bank):
+    train = BankSlices(load_bank(bank, "train"), InputScaling(), patch_size=32, patches_per_epoch=200, clean_fraction=0.25)
+    clean = [torch.equal(item["low"], item["normal"]) for item in (train[i] for i in range(200))]
+    assert 0.15 < np.mean(clean) < 0.35
+    untouched = BankSlices(load_bank(bank, "train"), InputScaling(), patch_size=32, patches_per_epoch=50)
+    assert not any(torch.equal(item["low"], item["normal"]) for item in (untouched[i] for i in range(50)))
+
+
 def test_student_trains_on_a_noise_bank_and_its_card_names_the_sources(bank, tmp_path):
     out = tmp_path / "s"
     assert main(["train", "student", "--variant", "A", "--width", "4", "--num-dems", "2", "--highpass-sigma", "3", "--data", str(bank), "--out", str(out),

@@ -154,6 +154,7 @@ def test_teacher_must_match_the_student_for_knowledge_transfer():
     (("--variant", "B", "--width", "0"), "at least 1"),
     (("--dose-range", "0.5,0.05"), "--dose-range"),
     (("--dose-range", "0.05,1.5"), "--dose-range"),
+    (("--clean-fraction", "1"), "--clean-fraction"),
 ])
 def test_impossible_counts_are_refused_before_any_data_is_read(argv, message):
     with pytest.raises(CommandError, match=message):

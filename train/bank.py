@@ -310,13 +310,15 @@ class BankSlices(Dataset):
 
     def __init__(self, slices: list[BankSlice], scaling: InputScaling, patch_size: int | None = None,
                  patches_per_epoch: int | None = None, augment: bool = False, seed: int = 0,
-                 doses: tuple[float, ...] = REPORT_DOSES, dose_range: tuple[float, float] = DOSE_RANGE):
+                 doses: tuple[float, ...] = REPORT_DOSES, dose_range: tuple[float, float] = DOSE_RANGE,
+                 clean_fraction: float = 0.0):
         if not slices:
             raise CommandError("the noise bank has no slices for this split: check the manifest's split entries")
         if patch_size is not None and (patch_size % DOWNSAMPLE or patch_size > min(min(s.hu.shape) for s in slices)):
             raise CommandError(f"--patch-size {patch_size} must be a multiple of {DOWNSAMPLE} and at most the smallest slice side")
         self.slices, self.scaling, self.patch_size = slices, scaling, patch_size
         self.augment, self.seed, self.doses, self.dose_range = augment, seed, doses, dose_range
+        self.clean_fraction = clean_fraction
         self.epoch = 0
         self.length = patches_per_epoch or len(slices) if patch_size is not None else len(slices) * len(doses)
 
@@ -338,8 +340,13 @@ class BankSlices(Dataset):
             item = self.slices[int(rng.integers(len(self.slices)))]
             dose, kernel = draw_dose(rng, self.dose_range), draw_kernel(rng)
             window = patch_window(item.hu, self.patch_size, rng)
+            # A share of samples is the normal-dose image itself, to be returned as it is: without
+            # them the network learns a fixed amount of smoothing and blurs every edge of a scan
+            # that is already clean, instead of removing only the noise it sees.
+            if rng.random() < self.clean_fraction:
+                dose = 1.0
         normal = item.hu[window]
-        low = normal + noise_for(item, window, dose, kernel, rng)
+        low = normal + noise_for(item, window, dose, kernel, rng) if dose < 1.0 else normal.copy()
         low, normal = self.scaling.to_unit(low)[None], self.scaling.to_unit(normal)[None]
         if self.augment:
             turns = allowed_turns(*low.shape[-2:])

@@ -112,6 +112,8 @@ class DataOptions:
     split_seed: int = 0
     # With a noise bank as --data: the dose fractions each training sample's dose is drawn from.
     dose_range: tuple[float, float] = DOSE_RANGE
+    # With a noise bank: the share of training samples given no added noise (dose 1).
+    clean_fraction: float = 0.0
 
 
 # ---------------------------------------------------------------- command line
@@ -138,6 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--no-augment", action="store_true", help="switch off rotations by 90/180/270 and horizontal flips")
     data.add_argument("--dose-range", type=parse_float_list, default=DOSE_RANGE,
                       help="with a noise bank: lowest,highest dose fraction drawn per sample (default 0.05,0.5)")
+    data.add_argument("--clean-fraction", type=float, default=DataOptions.clean_fraction,
+                      help="with a noise bank: share of samples left at normal dose, to be returned unchanged (default %(default)g)")
     data.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never; then no best.safetensors)")
     data.add_argument("--val-fraction", type=float, default=DataOptions.val_fraction, help="share of patients without a split that go to validation")
     data.add_argument("--test-fraction", type=float, default=DataOptions.test_fraction, help="share of patients without a split held out for testing")
@@ -369,6 +373,7 @@ class Recipe:
             "loss_weights": active_loss_weights(self.loss, self.variant), "data": dataclasses.asdict(self.data), "seed": self.seed, "amp": self.amp,
             "augmentation": "random rotation by 0/90/180/270 degrees and horizontal flip" if self.data.augment else "none",
             "noise_bank_draws": {"dose_range": list(self.data.dose_range), "dose_distribution": "log-uniform",
+                                 "clean_fraction": self.data.clean_fraction,
                                  "kernel_alpha_range": list(KERNEL_ALPHA_RANGE), "kernel_cutoff_range_cycles_per_pixel": list(KERNEL_CUTOFF_RANGE),
                                  "validation_doses": list(REPORT_DOSES), "validation_kernel": dataclasses.asdict(VALIDATION_KERNEL)},
         }
@@ -457,7 +462,8 @@ class Trainer:
             if in_slices != 1:
                 raise CommandError("a noise bank holds single slices: train with --in-slices 1")
             train = BankSlices(load_bank(data, "train"), self.scaling, options.patch_size, options.patches_per_epoch,
-                               augment=options.augment, seed=recipe.seed, dose_range=options.dose_range)
+                               augment=options.augment, seed=recipe.seed, dose_range=options.dose_range,
+                               clean_fraction=options.clean_fraction)
             val = BankSlices(load_bank(data, "val"), self.scaling, seed=recipe.seed) if validating else None
             described = describe_bank(data)
             described["slices"] = {"train": len(train.slices), "val": len(val.slices) if val else 0}
@@ -687,6 +693,7 @@ def check_counts(args: argparse.Namespace) -> None:
         (args.patches_per_epoch is None or args.patch_size is not None, "--patches-per-epoch needs --patch-size"),
         (len(args.dose_range) == 2 and 0 < args.dose_range[0] <= args.dose_range[1] < 1,
          "--dose-range must be two dose fractions low,high with 0 < low <= high < 1"),
+        (0 <= args.clean_fraction < 1, "--clean-fraction must lie in [0, 1)"),
         (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1,
          "--val-fraction and --test-fraction must lie in [0, 1) and sum to less than 1"),
     ]
@@ -707,7 +714,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     check_buildable(ARCHITECTURES[args.stage], settings)
     data = DataOptions(patch_size=args.patch_size, patches_per_epoch=args.patches_per_epoch, augment=not args.no_augment,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction, workers=args.workers,
-                       split_seed=args.split_seed, dose_range=tuple(args.dose_range))
+                       split_seed=args.split_seed, dose_range=tuple(args.dose_range), clean_fraction=args.clean_fraction)
     return Recipe(stage=args.stage, variant_name=variant_name, variant=variant, architecture=ARCHITECTURES[args.stage],
                   settings=settings, schedule=resolve_schedule(args.stage, args), loss=loss_weights_from(args),
                   data=data, seed=args.seed, amp=not args.no_amp)
