@@ -173,6 +173,21 @@ def metric_samples(node: Node) -> dict:
             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
 
 
+def test_a_sop_instance_uid_reused_by_a_second_series_leaves_the_first_whole(nodes, pacs, tiny_weights, tmp_path):
+    node = nodes(config(tmp_path, tiny_weights, [pacs.destination]))
+    first = ct_series(3, rows=16, columns=16)
+    (second,) = ct_series(1, rows=16, columns=16)
+    second.SOPInstanceUID = first[1].SOPInstanceUID
+    with capture_logs() as logs:
+        assert send(node, first) == [0, 0, 0]
+        assert send(node, [second]) == [0]
+    assert [e for e in logs if e["event"] == "SOP Instance UID reused in another series, kept in both"]
+    done = wait_state(node.queue, first[0].SeriesInstanceUID, DONE)
+    assert (done.instances, done.slices, done.reason) == (3, 3, None)
+    assert wait_state(node.queue, second.SeriesInstanceUID, DONE).slices == 1
+    assert len(pacs.stored) == 4
+
+
 def test_a_destination_down_past_the_old_five_tries_gets_the_series_once_it_is_back(nodes, tiny_weights, tmp_path,
                                                                                     capsys):
     port = peers.free_port()
