@@ -25,6 +25,8 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # At half the spacing a slice 1.5 steps away would match two neighbour offsets at once.
 MAX_NEIGHBOUR_TOLERANCE = 0.5
+# Largest receive.max_pdu: each association may hold about three PDUs of it while one is decoded.
+MAX_RECEIVE_PDU = 64 * 1_048_576
 
 
 class ConfigError(ValueError):
@@ -112,10 +114,26 @@ class ReceiveSettings:
     ae_title: str = "LDCT_NODE"
     host: str = "127.0.0.1"
     port: int = 11112
-    max_associations: int = 8
-    max_pdu: int = 1_048_576  # pynetdicom's 16 kB default halves throughput for 512² CT
-    acse_timeout_s: float = 30.0
+    # Associations at once of callers that passed the called-AE and allow-list checks; connections
+    # still negotiating are counted apart (max_pending_*), so they cannot lock allowed callers out.
+    max_associations: int = 32
+    # Per calling AE title and address: one caller cannot take every slot. 16 lets one PACS or
+    # scanner send 16 series in parallel.
+    max_associations_per_caller: int = 16
+    # TCP connections that have not (yet) been let in, in all and per address; each lasts at most
+    # acse_timeout_s. Beyond them a new connection is closed at once, before any thread is started.
+    max_pending_connections: int = 64
+    max_pending_per_address: int = 16
+    # Largest P-DATA PDU a caller may send (we offer it at association); a longer one is aborted
+    # after its 6-byte header. pynetdicom's 16 kB default halves throughput for 512² CT.
+    max_pdu: int = 1_048_576
+    # Largest instance (DIMSE data set) one C-STORE may carry, held in memory while it arrives
+    # (about 3x that per association while it is parsed); a 512² CT slice is 0.5 MiB.
+    max_instance_bytes: int = 64 * 1_048_576
+    # Deadline from TCP connect to a complete A-ASSOCIATE-RQ (the ARTIM timer), however it trickles in.
+    acse_timeout_s: float = 10.0
     dimse_timeout_s: float = 60.0
+    # Idle timeout of an association: a caller silent this long, between PDUs or inside one, is dropped.
     network_timeout_s: float = 120.0
     tcp_nodelay: bool = True
     # Empty list: any caller is accepted (the embedded default only listens on loopback).
@@ -275,8 +293,15 @@ def validate(cfg: Config) -> None:
         ae = getattr(cfg, section).ae_title
         need(0 < len(ae.strip()) <= 16, f"{section}.ae_title", "must be 1-16 characters")
     need(0 < cfg.receive.port < 65536, "receive.port", "must be 1-65535")
-    need(cfg.receive.max_associations >= 1, "receive.max_associations", "must be at least 1")
-    need(cfg.receive.max_pdu >= 4096 or cfg.receive.max_pdu == 0, "receive.max_pdu", "must be 0 (unlimited) or >= 4096")
+    for key in ("max_associations", "max_associations_per_caller", "max_pending_connections",
+                "max_pending_per_address"):
+        need(getattr(cfg.receive, key) >= 1, f"receive.{key}", "must be at least 1")
+    # 0 (unlimited) would let any caller make the node buffer a PDU of up to 4 GiB.
+    need(4096 <= cfg.receive.max_pdu <= MAX_RECEIVE_PDU, "receive.max_pdu", f"must be 4096 to {MAX_RECEIVE_PDU} bytes")
+    need(cfg.receive.max_instance_bytes >= cfg.receive.max_pdu, "receive.max_instance_bytes",
+         "must be at least receive.max_pdu")
+    for key in ("acse_timeout_s", "network_timeout_s"):
+        need(getattr(cfg.receive, key) > 0, f"receive.{key}", "must be > 0 seconds")
     for i, dest in enumerate(cfg.send.destinations):
         need(0 < len(dest.ae_title.strip()) <= 16, f"send.destinations[{i}].ae_title", "must be 1-16 characters")
         need(0 < dest.port < 65536, f"send.destinations[{i}].port", "must be 1-65535")
