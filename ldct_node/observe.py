@@ -10,6 +10,12 @@
 - ``ldct_instances_received_total``            instances spooled
 - ``ldct_instances_ignored_total{reason}``     valid CT instances left alone (localizer, loop guard ...)
 - ``ldct_instances_refused_total{status}``     C-STOREs answered with a failure status
+- ``ldct_connections_refused_total{reason}``   connections and associations the receiver refused or cut:
+                                               ``called_ae_title``, ``calling_ae_title`` (allow-list),
+                                               ``association_limit``, ``caller_limit``,
+                                               ``unassociated_limit`` (closed at connect),
+                                               ``negotiation_timeout``, ``pdu_too_long``,
+                                               ``instance_too_large``
 - ``ldct_series_done_total`` / ``ldct_series_failed_total``
 - ``ldct_series_denoise_seconds``              histogram of seconds per series (denoise + write)
 - ``ldct_series_fidelity_failed_total``        series failed by the HU fidelity gate (also in series_failed)
@@ -95,6 +101,9 @@ class Metrics:
         self.ignored = Counter("ldct_instances_ignored", "Valid CT instances left alone", ["reason"], registry=r)
         self.refused = Counter("ldct_instances_refused", "C-STOREs answered with a failure status", ["status"],
                                registry=r)
+        self.connections_refused = Counter("ldct_connections_refused",
+                                           "Connections and associations the receiver refused or cut", ["reason"],
+                                           registry=r)
         self.series_done = Counter("ldct_series_done", "Series delivered or kept in the outbox", registry=r)
         self.series_failed = Counter("ldct_series_failed", "Series failed", registry=r)
         self.series_seconds = Histogram("ldct_series_denoise_seconds", "Seconds to denoise one series",

@@ -2,12 +2,26 @@
 
 What a sender sees:
 
-- Association: a caller whose AE title (and host, where one is given) is not on
-  ``receive.allowed`` is rejected with A-ASSOCIATE-RJ "rejected-permanent, service-user, calling
-  AE title not recognised". An empty list accepts any caller. Only CT Image Storage (plus
+- Association: a request to another called AE title than ``receive.ae_title`` is rejected with
+  A-ASSOCIATE-RJ "rejected-permanent, service-user, called AE title not recognised"; a caller whose
+  AE title (and host, where one is given) is not on ``receive.allowed`` with "... calling AE title
+  not recognised". An empty list accepts any caller. Only CT Image Storage (plus
   Verification) is negotiated, in implicit/explicit VR little endian, JPEG lossless (.57, .70),
   JPEG-LS (.80, .81), JPEG 2000 (.90, .91) and RLE (.5); any other SOP class or transfer syntax
   gets its presentation context rejected.
+- Limits, so that whoever reaches the port cannot exhaust memory or lock allowed callers out:
+
+  * A PDU is refused (A-ABORT, connection closed) after its 6-byte header when its length is over
+    ``receive.max_pdu`` (P-DATA-TF, the maximum we offer) or 256 KiB (``ASSOCIATE_RQ_MAX``, any other);
+    an association whose C-STORE data set grows past ``receive.max_instance_bytes`` is aborted too.
+  * A connection must complete its A-ASSOCIATE-RQ within ``receive.acse_timeout_s`` of connecting,
+    however slowly it trickles; an association silent for ``receive.network_timeout_s`` (between
+    PDUs or inside one) is dropped.
+  * Connections that have not been let in yet (``receive.max_pending_connections``, and
+    ``max_pending_per_address`` from one address; beyond them a new connection is closed at once) and
+    associations let in (``receive.max_associations``, ``max_associations_per_caller`` per calling AE
+    title and address; beyond them "rejected-transient, local limit exceeded") are counted apart.
+  * Each refusal is one warning line and ``ldct_connections_refused_total{reason}``.
 - C-STORE statuses:
 
   ============  =============================================================================
@@ -35,9 +49,9 @@ What a sender sees:
 
 - Audit: when the connection of an association closes, one line ``association ended`` with the
   calling and called AE titles, the peer's address and port, ``accepted`` (and the ``reason`` when
-  refused: not on the allow-list, association limit, no acceptable presentation context),
-  instances stored / ignored / refused, how it ended (released, aborted, connection closed) and
-  its duration in seconds. A connection that never asked for an association gets no line.
+  refused: called AE title, not on the allow-list, association limits, no acceptable presentation
+  context), instances stored / ignored / refused, how it ended (released, aborted, connection
+  closed) and its duration in seconds. A connection that never asked for an association gets no line.
 
 The dataset is written exactly as it arrived (``event.encoded_dataset()``, no re-encoding); only
 the header is parsed to find the UIDs and to classify it.
@@ -45,14 +59,16 @@ the header is parsed to find the UIDs and to classify it.
 
 from __future__ import annotations
 
+import functools
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -60,6 +76,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from .config import AllowedPeer, ReceiveSettings
 from .logs import get_logger
@@ -89,8 +107,20 @@ CANNOT_UNDERSTAND = 0xC000
 BAD_UIDS = 0xC001
 
 ACCEPTED = 0x00  # A-ASSOCIATE Result (PS3.8 §7.1.1.7); 0x01 / 0x02: rejected permanent / transient
-# A-ASSOCIATE-RJ (PS3.8 §9.3.4): rejected-permanent, DICOM UL service-user, calling AE title not recognised.
+# A-ASSOCIATE-RJ (PS3.8 §9.3.4) as (result, source, reason): rejected-permanent, DICOM UL service-user,
+# calling / called AE title not recognised; rejected-transient, service-provider (presentation), local
+# limit exceeded: the caller may try again later.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+_REJECT_LIMIT = (0x02, 0x03, 0x02)
+
+P_DATA_TF = 0x04
+_PDU_TYPES = range(0x01, 0x08)
+# Largest A-ASSOCIATE-RQ (or release / abort PDU) read: 128 presentation contexts, each with ten
+# 64-character transfer syntaxes, plus user identity, stay under 128 KiB.
+ASSOCIATE_RQ_MAX = 256 * 1024
+_LAST_FRAGMENT = 0x02  # PDV message control header bit 1 (PS3.8 §E.2)
+_ARTIM_GRACE_S = 1.0
 _ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 # How series.classify starts its reason for a value that cannot be decoded: that is a broken
 # data set to refuse, not a valid image to leave alone.
@@ -134,6 +164,203 @@ class AssociationAudit:
             "instances_refused": self.instances["refused"],
             "ended": self.ended or "connection closed", "seconds": round(closed_at - self.opened_at, 3),
         }
+
+
+class Refusal(NamedTuple):
+    """Why the node refuses or cuts a connection: the metric's label and a one-line reason."""
+
+    label: str
+    reason: str
+
+
+def pdv_fragments(body: bytes) -> Iterator[tuple[int, int]]:
+    """(message control header, data length) of each PDV item of a P-DATA-TF body; stops at a broken item."""
+    at = 0
+    while at + 6 <= len(body):
+        (length,) = struct.unpack_from(">L", body, at)
+        if length < 2 or at + 4 + length > len(body):
+            return
+        yield body[at + 5], length - 2
+        at += 4 + length
+
+
+class PduGuard:
+    """Follows one connection's PDUs as pynetdicom's DUL reads them, ``recv(6)`` for a header and then
+    ``recv(length)`` for its body, and says when to refuse: before a body longer than the node accepts is
+    read, or when a DIMSE message (pynetdicom assembles it in memory) grows past ``max_instance`` bytes."""
+
+    def __init__(self, max_pdu: int, max_instance: int):
+        self.max_pdu = max_pdu
+        self.max_instance = max_instance
+        self._body_of: int | None = None  # the PDU type whose body is read next
+        self._message = 0  # bytes so far of the command or data set being assembled
+
+    def check(self, nr_bytes: int) -> Refusal | None:
+        """Before a read of nr_bytes."""
+        if self._body_of is None:
+            return None
+        limit = self.max_pdu if self._body_of == P_DATA_TF else ASSOCIATE_RQ_MAX
+        if nr_bytes <= limit:
+            return None
+        return Refusal("pdu_too_long",
+                       f"PDU type 0x{self._body_of:02X} says {nr_bytes} bytes, over the {limit} accepted")
+
+    def read(self, data: bytes) -> Refusal | None:
+        """After a read."""
+        if self._body_of is None:
+            # After a short or unknown header the DUL ends the connection without reading a body.
+            if len(data) == 6 and data[0] in _PDU_TYPES:
+                self._body_of = data[0]
+            return None
+        pdu_type, self._body_of = self._body_of, None
+        if pdu_type != P_DATA_TF:
+            return None
+        for control, length in pdv_fragments(data):
+            self._message += length
+            if self._message > self.max_instance:
+                return Refusal("instance_too_large",
+                               f"DIMSE message over receive.max_instance_bytes ({self.max_instance})")
+            if control & _LAST_FRAGMENT:
+                self._message = 0
+        return None
+
+
+# A-ABORT (PS3.8 §9.3.8): source DICOM UL service-provider, reason invalid PDU parameter value.
+_A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
+
+
+class GuardedSocket(AssociationSocket):
+    """pynetdicom's socket of one accepted connection, with a PduGuard on what its DUL reads.
+
+    DUL._read_pdu_data reads a PDU's 6-byte header, then asks recv() for as many bytes as the header's
+    length field says (up to 4 GiB) and buffers them all before anything can look at them: recv() is
+    the only place where a PDU can be refused in time. pynetdicom 3.0 creates the AssociationSocket
+    inside RequestHandler._create_association with no way to choose its class, hence the re-classing
+    in Receiver._attach.
+    """
+
+    guard: PduGuard
+    on_refused: Callable[[Association, Refusal], None]
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        refusal = self.guard.check(nr_bytes)
+        if refusal is None:
+            data = super().recv(nr_bytes)
+            refusal = self.guard.read(data)
+            if refusal is None:
+                return data
+        try:
+            self.socket.sendall(_A_ABORT)
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the peer may be gone already; the connection ends either way
+        self.on_refused(self.assoc, refusal)
+        # What recv() returns when the peer closes: the DUL takes the PDU as cut short and ends (Evt17).
+        return bytearray()
+
+
+@dataclass(eq=False)
+class Slot:
+    """One TCP connection's place in the Admission: pending until let in as caller (calling AE, address)."""
+
+    address: str
+    caller: tuple[str, str] | None = None
+    requested: threading.Event = field(default_factory=threading.Event)  # its A-ASSOCIATE-RQ has arrived
+
+
+def _drop(counter: Counter, key) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+class Admission:
+    """Counts connections still negotiating and associations let in apart, so that callers who never
+    pass the AE title checks cannot take the places of those who do. Thread-safe."""
+
+    def __init__(self, settings: ReceiveSettings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pending: Counter = Counter()  # address -> connections not let in (yet)
+        self._callers: Counter = Counter()  # (calling AE, address) -> associations let in
+
+    @property
+    def pending(self) -> int:
+        return sum(self._pending.values())
+
+    @property
+    def associated(self) -> int:
+        return sum(self._callers.values())
+
+    def connect(self, address: str) -> Slot | Refusal:
+        s = self.settings
+        with self._lock:
+            if self.pending >= s.max_pending_connections:
+                return Refusal("unassociated_limit", "connections without an association at "
+                                                     f"receive.max_pending_connections ({s.max_pending_connections})")
+            if self._pending[address] >= s.max_pending_per_address:
+                return Refusal("unassociated_limit", "connections without an association from this address at "
+                                                     f"receive.max_pending_per_address ({s.max_pending_per_address})")
+            self._pending[address] += 1
+        return Slot(address)
+
+    def admit(self, slot: Slot, calling_ae: str) -> Refusal | None:
+        s = self.settings
+        caller = (calling_ae, slot.address)
+        with self._lock:
+            if self.associated >= s.max_associations:
+                return Refusal("association_limit",
+                               f"association limit reached (receive.max_associations = {s.max_associations})")
+            if self._callers[caller] >= s.max_associations_per_caller:
+                limit = s.max_associations_per_caller
+                return Refusal("caller_limit",
+                               f"association limit per caller reached (receive.max_associations_per_caller = {limit})")
+            _drop(self._pending, slot.address)
+            self._callers[caller] += 1
+            slot.caller = caller
+        return None
+
+    def disconnect(self, slot: Slot) -> None:
+        with self._lock:
+            if slot.caller is None:
+                _drop(self._pending, slot.address)
+            else:
+                _drop(self._callers, slot.caller)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's handler of one TCP connection, in a thread of its own, inside the node's Admission.
+
+    AE.make_server takes a request handler class; this is where a connection can be refused before
+    pynetdicom starts its association's threads, and the one thread that sees the connection from
+    accept to its end, so its place in the Admission is given back exactly once.
+    """
+
+    def __init__(self, request, client_address, server, *, receiver: Receiver):
+        self.receiver = receiver
+        self.assoc: Association | None = None
+        self.slot: Slot | None = None
+        super().__init__(request, client_address, server)
+
+    def handle(self) -> None:
+        slot = self.receiver.admission.connect(self.client_address[0])
+        if isinstance(slot, Refusal):
+            self.receiver._refused_at_connect(self.client_address, slot)
+            return  # socketserver closes the socket
+        self.slot = slot
+        try:
+            # Bounds a read stopped inside a PDU, which pynetdicom's idle timer cannot interrupt.
+            self.request.settimeout(self.receiver.settings.network_timeout_s)
+            super().handle()  # creates the association (below) and starts its threads
+            self.receiver._await_request(self.assoc, slot, self.request)
+            self.assoc.join()
+        finally:
+            self.receiver._release(self.assoc, slot)
+
+    def _create_association(self) -> Association:
+        self.assoc = super()._create_association()
+        self.receiver._attach(self.assoc, self.slot)
+        return self.assoc
 
 
 def rejection_reason(rj: A_ASSOCIATE) -> str:
@@ -223,15 +450,21 @@ class Receiver:
         self.classify = classify
         self.metrics = metrics
         self._server = None
+        self.admission = Admission(settings)
         self._audits: dict[Association, AssociationAudit] = {}
+        self._slots: dict[Association, Slot] = {}
         self._audits_lock = threading.Lock()
 
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # The Admission decides; pynetdicom's own count (every acceptor thread alive, let in or not)
+        # cannot exceed this, so its limit never refuses an allowed caller.
+        ae.maximum_associations = s.max_associations + s.max_pending_connections
         ae.maximum_pdu_size = s.max_pdu
-        ae.acse_timeout = s.acse_timeout_s
+        # _await_request cuts a slow A-ASSOCIATE-RQ at acse_timeout_s; pynetdicom's own ARTIM a second
+        # later is only a backstop (it is checked between reads, not during one).
+        ae.acse_timeout = s.acse_timeout_s + _ARTIM_GRACE_S
         ae.dimse_timeout = s.dimse_timeout_s
         ae.network_timeout = s.network_timeout_s
         ae.add_supported_context(Verification)
@@ -249,9 +482,17 @@ class Receiver:
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._make_ae().start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        ae = self._make_ae()
+        server = ae.make_server(
+            (self.settings.host, self.settings.port), evt_handlers=handlers, server_class=ThreadedAssociationServer,
+            request_handler=functools.partial(GuardedRequestHandler, receiver=self),
         )
+        # Each handler thread lives as long as its connection: stop() must not wait for them.
+        server.daemon_threads = True
+        # As AE.start_server(block=False) does, which cannot take a request handler; shutdown() removes it.
+        ae._servers.append(server)
+        threading.Thread(target=make_target(server.serve_forever), name="ldct-receiver", daemon=True).start()
+        self._server = server
         log.info("receiver listening", ae_title=self.settings.ae_title, host=self.settings.host, port=self.port)
 
     def stop(self) -> None:
@@ -294,14 +535,73 @@ class Receiver:
         with self._audits_lock:
             self._audits[event.assoc] = AssociationAudit(host, port, time.monotonic())
 
+    def _count(self, label: str) -> None:
+        if self.metrics:
+            self.metrics.connections_refused.labels(label).inc()
+
+    def _attach(self, assoc: Association, slot: Slot) -> None:
+        """Put a new association's socket under a PduGuard and remember its place in the Admission."""
+        sock = assoc.dul.socket
+        sock.__class__ = GuardedSocket  # see GuardedSocket: pynetdicom has no hook for the class
+        sock.guard = PduGuard(self.settings.max_pdu, self.settings.max_instance_bytes)
+        sock.on_refused = self._pdu_refused
+        with self._audits_lock:
+            self._slots[assoc] = slot
+
+    def _release(self, assoc: Association | None, slot: Slot) -> None:
+        self.admission.disconnect(slot)
+        with self._audits_lock:
+            self._slots.pop(assoc, None)
+
+    def _refused_at_connect(self, address: tuple, refusal: Refusal) -> None:
+        log.warning("connection refused", reason=refusal.reason, address=address[0], port=address[1])
+        self._count(refusal.label)
+
+    def _await_request(self, assoc: Association, slot: Slot, sock: socket.socket) -> None:
+        """The negotiation deadline, kept from outside the DUL: pynetdicom checks its ARTIM timer only
+        between reads, so an A-ASSOCIATE-RQ stopped or trickling inside its PDU would hold the
+        connection (and pynetdicom's association count) for ever."""
+        if slot.requested.wait(self.settings.acse_timeout_s):
+            return
+        if self._audit(assoc) is None:  # EVT_CONN_CLOSE came first: the peer left (a port probe)
+            return
+        refusal = Refusal("negotiation_timeout", f"no A-ASSOCIATE-RQ within receive.acse_timeout_s "
+                                                 f"({self.settings.acse_timeout_s} s)")
+        log.warning("connection closed", reason=refusal.reason, address=slot.address)
+        self._count(refusal.label)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the DUL's recv(), which then ends the connection
+        except OSError:
+            pass
+
+    def _pdu_refused(self, assoc: Association, refusal: Refusal) -> None:
+        audit = self._audit(assoc)
+        log.warning("connection aborted", reason=refusal.reason, address=assoc.requestor.address,
+                    calling_ae=audit.calling_ae if audit else None)
+        self._count(refusal.label)
+
+    def _association_refusal(self, slot: Slot, calling: str, called: str) -> tuple[Refusal, tuple] | None:
+        """Why not to let this A-ASSOCIATE-RQ in, with its A-ASSOCIATE-RJ (result, source, reason); None: let in."""
+        if called != self.settings.ae_title.strip():
+            return Refusal("called_ae_title", "called AE title is not receive.ae_title"), _REJECT_CALLED_AE
+        if not is_allowed(self.settings.allowed, calling, slot.address):
+            return Refusal("calling_ae_title", "calling AE title not on receive.allowed"), _REJECT_CALLING_AE
+        refusal = self.admission.admit(slot, calling)
+        return None if refusal is None else (refusal, _REJECT_LIMIT)
+
     def _on_requested(self, event) -> None:
-        requestor = event.assoc.requestor
-        calling = requestor.primitive.calling_ae_title
+        primitive = event.assoc.requestor.primitive
         audit = self._audit(event.assoc)
-        audit.calling_ae, audit.called_ae = calling.strip(), requestor.primitive.called_ae_title.strip()
-        if not is_allowed(self.settings.allowed, calling, requestor.address):
-            audit.refused = "calling AE title not on receive.allowed"
-            event.assoc.acse.send_reject(*_REJECT_CALLING_AE)
+        audit.calling_ae, audit.called_ae = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()
+        with self._audits_lock:
+            slot = self._slots[event.assoc]
+        slot.requested.set()
+        refused = self._association_refusal(slot, audit.calling_ae, audit.called_ae)
+        if refused is not None:
+            refusal, rj = refused
+            audit.refused = refusal.reason
+            self._count(refusal.label)
+            event.assoc.acse.send_reject(*rj)
             # As pynetdicom's own rejections do: wait until the DUL has sent the A-ASSOCIATE-RJ,
             # otherwise the socket is closed under it and the caller only sees an abort.
             event.assoc.kill()
