@@ -21,7 +21,8 @@ What a sender sees:
     ``max_pending_per_address`` from one address; beyond them a new connection is closed at once) and
     associations let in (``receive.max_associations``, ``max_associations_per_caller`` per calling AE
     title and address; beyond them "rejected-transient, local limit exceeded") are counted apart.
-  * Each refusal is one warning line and ``ldct_connections_refused_total{reason}``.
+  * Each refusal is one warning line and ``ldct_connections_refused_total{reason}``. A request whose
+    command has a UID over 64 characters is aborted by pynetdicom; the node logs ``request refused``.
 - C-STORE statuses:
 
   ============  =============================================================================
@@ -120,6 +121,7 @@ _PDU_TYPES = range(0x01, 0x08)
 # 64-character transfer syntaxes, plus user identity, stay under 128 KiB.
 ASSOCIATE_RQ_MAX = 256 * 1024
 _LAST_FRAGMENT = 0x02  # PDV message control header bit 1 (PS3.8 §E.2)
+_UID_MAX = 64
 _ARTIM_GRACE_S = 1.0
 _ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 # How series.classify starts its reason for a value that cannot be decoded: that is a broken
@@ -363,6 +365,14 @@ class GuardedRequestHandler(RequestHandler):
         return self.assoc
 
 
+def overlong_uid(command: Dataset) -> tuple[str, int] | None:
+    """(keyword, length) of the first UID in a DIMSE command set longer than DICOM's 64 characters."""
+    for elem in command:
+        if elem.VR == "UI" and len(str(elem.value or "")) > _UID_MAX:
+            return elem.keyword, len(str(elem.value))
+    return None
+
+
 def rejection_reason(rj: A_ASSOCIATE) -> str:
     """pynetdicom's own A-ASSOCIATE-RJ as one line, e.g. "rejected transient: local limit exceeded"."""
     return f"{rj.result_str}: {rj.reason_str}".lower()
@@ -479,6 +489,7 @@ class Receiver:
             (evt.EVT_RELEASED, lambda event: self._ended(event.assoc, "released")),
             (evt.EVT_ABORTED, lambda event: self._ended(event.assoc, "aborted")),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
+            (evt.EVT_DIMSE_RECV, self._on_dimse),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -605,6 +616,16 @@ class Receiver:
             # As pynetdicom's own rejections do: wait until the DUL has sent the A-ASSOCIATE-RJ,
             # otherwise the socket is closed under it and the caller only sees an abort.
             event.assoc.kill()
+
+    def _on_dimse(self, event) -> None:
+        # pynetdicom aborts such a request in its DUL thread and logs only to its own (silent) logger.
+        found = overlong_uid(event.message.command_set)
+        if found is not None:
+            audit = self._audit(event.assoc)
+            log.warning("request refused", reason=f"UID over {_UID_MAX} characters: the association is aborted",
+                        element=found[0], length=found[1], address=event.assoc.requestor.address,
+                        calling_ae=audit.calling_ae if audit else None)
+            self._count("uid_too_long")
 
     def _on_accepted(self, event) -> None:
         if not event.assoc.accepted_contexts:

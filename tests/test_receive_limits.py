@@ -12,8 +12,10 @@ import threading
 import time
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 from structlog.testing import capture_logs
 
@@ -310,3 +312,33 @@ def test_unassociated_connections_from_one_address_are_capped(node):
     assert refusals(receiver, "unassociated_limit") == 1
     for sock in idle:
         sock.close()
+
+
+# --- item 6: a request UID over 64 characters ---
+
+def c_store_rq(sop_instance_uid: str) -> bytes:
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = CTImageStorage
+    cmd.CommandField = 0x0001
+    cmd.MessageID = 1
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    cmd.AffectedSOPInstanceUID = sop_instance_uid
+    body = encode(cmd, True, True)
+    cmd.CommandGroupLength = len(body)
+    return encode(cmd, True, True)
+
+
+@pytest.mark.filterwarnings("ignore:The value length .* exceeds the maximum length of 64:UserWarning")
+def test_a_request_uid_over_64_characters_is_logged_when_pynetdicom_aborts(node):
+    receiver = node()
+    long_uid = "1.2." + "3" * 70
+    with capture_logs() as logs:
+        sock = raw_associate(receiver, abstract=CTImageStorage)
+        sock.sendall(pdu(P_DATA_TF, pdv(c_store_rq(long_uid), 0x03)) + pdu(P_DATA_TF, pdv(b"\0" * 8, 0x02)))
+        assert closed_by_node(sock)
+        assert wait_for(lambda: any(e["event"] == "request refused" for e in logs))
+    (line,) = [e for e in logs if e["event"] == "request refused"]
+    assert line["element"] == "AffectedSOPInstanceUID" and line["length"] == len(long_uid)
+    assert line["calling_ae"] == "SCANNER" and long_uid not in str(line)
+    assert refusals(receiver, "uid_too_long") == 1
