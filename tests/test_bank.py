@@ -94,6 +94,18 @@ def test_a_changed_file_is_refused_by_its_checksum(data_root, tmp_path, capsys):
     assert "differ from the manifest's checksums" in capsys.readouterr().err
 
 
+def test_a_reformatted_slice_is_refused_before_any_noise_is_simulated(tmp_path, capsys):
+    coronal = ct_series(1, rows=96, columns=96, fov_fill_hu=None)
+    coronal[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    names = [str(p.relative_to(tmp_path)) for p in write_series(tmp_path / "a", coronal)]
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(SOURCE.format(id="a", root="a", patient="P1", vendor="A", split="train"))
+    (tmp_path / "checksums.sha256").write_text("".join(f"{sha256_file(tmp_path / n)}  {n}\n" for n in names))
+    assert main(["prepare", "--manifest", str(manifest), "--root", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--views", "96", "--device", "cpu"]) == 2
+    assert "not an axial slice" in capsys.readouterr().err
+
+
 def test_a_missing_local_copy_says_what_to_fetch(data_root, tmp_path, capsys):
     _, manifest = data_root
     assert main(["prepare", "--manifest", str(manifest), "--root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2

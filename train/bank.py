@@ -36,6 +36,7 @@ from ldct_node.denoise import resolve_device
 from ldct_node.durable import atomic_write, atomic_write_bytes
 from ldct_node.logs import get_logger
 from ldct_node.model import DOWNSAMPLE
+from ldct_node.series import is_axial
 from ldct_node.pixels import padding_mask, padding_values, rescale, stored_to_hu, stored_values
 from ldct_node.weights import InputScaling
 
@@ -163,6 +164,10 @@ def read_slice(path: Path, outside_fov_below_hu: float) -> tuple[np.ndarray, flo
     ds = pydicom.dcmread(path)
     if ds.get("Modality") != "CT" or "PixelData" not in ds:
         raise CommandError(f"{path} is not a CT image with pixel data: fix the manifest's file pattern")
+    # The noise is simulated by projecting the slice as a transaxial section; a coronal or sagittal
+    # reformat projected that way gets the noise of rays through the body's length, not of any scan.
+    if not is_axial(ds):
+        raise CommandError(f"{path} is not an axial slice (a reformat?): fix the manifest's file pattern")
     stored = stored_values(ds)
     hu = stored_to_hu(stored, *rescale(ds)).astype(np.float32)
     keep = padding_mask(stored, hu, *padding_values(ds), outside_fov_below_hu)
