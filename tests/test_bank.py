@@ -230,6 +230,9 @@ def test_evaluation_at_several_doses_writes_a_report_per_dose_and_one_summary(ba
     assert noisier["methods"]["Low-dose input"]["mean"]["psnr_soft"] < cleaner["methods"]["Low-dose input"]["mean"]["psnr_soft"]
     summary = (report / "summary.md").read_text()
     assert "## 10 % dose" in summary and "## 50 % dose" in summary and "p (PSNR soft) vs tiny" in summary
+    pooled = json.loads((report / "summary.json").read_text())["pooled_psnr_soft"]
+    # 2 validation slices at 2 doses: 4 cases per method; TV differs from the identity network on every one
+    assert len(pooled["TV"]["difference"]) == 4 and all(d != 0 for d in pooled["TV"]["difference"])
 
 
 def test_evaluating_a_noise_bank_needs_a_dose(bank, tiny_weights, tmp_path, capsys):
