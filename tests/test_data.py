@@ -13,6 +13,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ldct_node.cli import CommandError
 from ldct_node.weights import InputScaling
+from ldct_train import data
 from ldct_train.data import (
     PairedSlices,
     PairSpec,
@@ -26,7 +27,9 @@ from ldct_train.data import (
     match_positions,
     neighbour_stack,
     scale_pair,
+    slab_ranges,
     split_counts,
+    split_pairs,
 )
 
 
@@ -146,6 +149,63 @@ def test_assign_splits_never_splits_a_patient_and_keeps_explicit_splits():
     assert sorted(next(iter(s)) for s in by_patient.values()) == ["test"] + ["train"] * 8 + ["val"]
     assert out[-1].split == "test"
     assert assign_splits(pairs, seed=3) == out
+
+
+@pytest.mark.parametrize(
+    "n, fractions, expected",
+    [
+        (100, (0.1, 0.1), {"train": (0, 70), "val": (75, 85), "test": (90, 100)}),
+        (30, (0.1, 0.1), {"train": (0, 14), "val": (19, 22), "test": (27, 30)}),
+        (13, (0.1, 0.1), {"train": (0, 1), "val": (6, 7), "test": (12, 13)}),  # the shortest that cuts: one slice each
+        (20, (0.1, 0.0), {"train": (0, 13), "val": (18, 20)}),  # no test slab, no second gap
+        (20, (0.5, 0.4), {"train": (0, 1), "val": (6, 14), "test": (19, 20)}),  # held-out slabs shrink, test first
+    ],
+)
+def test_slab_ranges_cut_train_val_test_in_order_with_gaps(n, fractions, expected):
+    ranges = slab_ranges(n, *fractions)
+    assert ranges == expected and list(ranges) == list(expected)
+    bounds = list(ranges.values())
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(later[0] - earlier[1] == data.SLAB_GAP_SLICES for earlier, later in zip(bounds, bounds[1:]))
+    # a network fed in_slices = 5 (two neighbours each side) reads no slice of another slab
+    assert data.SLAB_GAP_SLICES >= 4
+
+
+def test_slab_ranges_refuse_a_volume_too_short_to_cut_in_one_line():
+    with pytest.raises(CommandError, match=r"12 matched slices are too few .*\(at least 13 needed\)") as err:
+        slab_ranges(12, 0.1, 0.1)
+    assert "\n" not in str(err.value)
+    assert slab_ranges(12, 0.0, 0.0) == {"train": (0, 12)}
+
+
+def test_single_patient_without_splits_is_cut_into_slabs(tmp_path):
+    write_itk(tmp_path / "nd.mha", ramp(30))
+    write_itk(tmp_path / "ld.mha", ramp(30) + 5)
+    (pair,) = load_pairs(write_pairs(tmp_path, '[[pair]]\npatient = "P"\nlow = "ld.mha"\nnormal = "nd.mha"\n'))
+    specs, cuts = split_pairs([pair], 0.1, 0.1)
+    assert [(s.split, s.slices) for s in specs] == [("train", (0, 14)), ("val", (19, 22)), ("test", (27, 30))]
+    assert cuts[0].line() == "single patient P cut into slabs of its 30 matched slices: train [0, 14), val [19, 22), test [27, 30) (5-slice gaps)"
+    assert [load_pair(s)[1].hu[:, 0, 0].tolist() for s in specs[1:]] == [[900, 1000, 1100], [1700, 1800, 1900]]
+    # an explicit split elsewhere is kept, and the open patient gives only the splits nobody fills
+    other = PairSpec("Q", pair.low, pair.normal, "test")
+    specs, _ = split_pairs([pair, other], 0.1, 0.1)
+    assert [(s.patient, s.split, s.slices) for s in specs] == [("P", "train", (0, 22)), ("P", "val", (27, 30)), ("Q", "test", None)]
+
+
+def test_too_short_single_patient_names_the_pair(tmp_path):
+    write_itk(tmp_path / "nd.mha", ramp(8))
+    with pytest.raises(CommandError, match=r"pair P \(nd.mha\).*8 matched slices are too few"):
+        split_pairs([PairSpec("P", tmp_path / "nd.mha", tmp_path / "nd.mha")], 0.1, 0.1)
+
+
+def test_split_by_patient_is_unchanged_when_slabs_do_not_apply():
+    missing = Path("/nonexistent")  # nothing may be read
+    two = [PairSpec("P", missing, missing), PairSpec("Q", missing, missing)]
+    assert split_pairs(two, 0.5, 0.0) == (assign_splits(two, 0.5, 0.0), [])
+    stated = [PairSpec("P", missing, missing), PairSpec("P", missing, missing, "val", (10, 20))]
+    assert split_pairs(stated, 0.1, 0.1) == (assign_splits(stated, 0.1, 0.1), [])
+    filled = [PairSpec("P", missing, missing), PairSpec("Q", missing, missing, "val"), PairSpec("R", missing, missing, "test")]
+    assert split_pairs(filled, 0.1, 0.1)[0][0].split == "train"
 
 
 # ---------------------------------------------------------------- volumes

@@ -287,3 +287,34 @@ def test_card_data_file_is_merged_into_the_model_card(pairs, tmp_path):
     data = load_weights(out / "last.safetensors").card.data
     assert data["dose_fraction"] == 0.05 and data["citation"].startswith("TCIA")
     assert data["slices"] == {"train": 2 * SLICES, "val": SLICES}
+
+
+def test_a_single_patient_is_cut_into_slabs_that_train_and_evaluate_share(tmp_path, capsys):
+    from ldct_train.metrics import slice_metrics
+
+    normal = np.concatenate([phantom_volume(seed) for seed in range(5)])  # 20 slices
+    low = normal + np.random.default_rng(4).normal(0.0, 80.0, normal.shape).astype(np.float32)
+    for name, volume in (("nd", normal), ("ld", low)):
+        image = sitk.GetImageFromArray(volume)
+        image.SetSpacing((1.0, 1.0, 2.0))
+        sitk.WriteImage(image, str(tmp_path / f"{name}.mha"))
+    pairs = tmp_path / "pairs.toml"
+    pairs.write_text('[[pair]]\npatient = "P0"\nlow = "ld.mha"\nnormal = "nd.mha"\n')
+    out = tmp_path / "a"
+    assert train("student", "--variant", "A", "--width", "4", "--num-dems", "2", "--in-slices", "3",
+                 "--data", pairs, "--out", out, "--epochs", 1) == 0
+    data = load_weights(out / "last.safetensors").card.data
+    assert [(name, [s["slices"] for s in group]) for name, group in data["splits"].items()] == \
+        [("train", [[0, 6]]), ("val", [[11, 13]]), ("test", [[18, 20]])]
+    assert data["slices"] == {"train": 6, "val": 2}
+    assert data["automatic_slabs"] == [{"patient": "P0", "slices": 20, "gap": 5, "train": [0, 6], "val": [11, 13], "test": [18, 20]}]
+    capsys.readouterr()
+
+    report = tmp_path / "report"
+    assert main(["evaluate", "--weights", str(out / "last.safetensors"), "--data", str(pairs), "--report", str(report),
+                 "--device", "cpu"]) == 0
+    assert "single patient P0 cut into slabs of its 20 matched slices: train [0, 6), val [11, 13), test [18, 20)" in capsys.readouterr().out
+    scored = json.loads((report / "metrics.json").read_text())
+    assert scored["slices"] == 2
+    expected = [slice_metrics(low[i], normal[i])["psnr_full"] for i in (18, 19)]
+    assert scored["methods"]["Low-dose input"]["per_slice"]["psnr_full"] == pytest.approx(expected)

@@ -3,8 +3,9 @@
 A TOML *pairs file* names the volumes (``[[pair]]`` tables, paths relative to the file's folder);
 each volume is a DICOM series folder or a NIfTI/MHA file. Low- and normal-dose slices are matched
 by position along the slice normal, never by file order, so a missing or extra slice is an error
-rather than a silent one-slice shift. Splitting is by patient; a ``slices`` range is the one way to
-hold out slabs of a single patient, and it is stated explicitly in the file.
+rather than a silent one-slice shift. Splitting is by patient; a ``slices`` range holds out slabs
+of a single patient explicitly, and a file whose unsplit pairs are all one patient (without
+``slices``) has that patient cut into train / val / test slabs automatically (:func:`split_pairs`).
 
 The datasets hand the network HU scaled by :class:`ldct_node.weights.InputScaling` — the one
 scaling, recorded in every model card the trainer writes.
@@ -38,6 +39,11 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd")
 POSITION_TOLERANCE_MM = 0.1
 # How many unmatched positions an error message spells out before it only counts.
 SHOWN_POSITIONS = 5
+# Matched slices left out between the automatic slabs of a single patient. A network fed in_slices =
+# 2k+1 neighbours sees slices i-k ... i+k; for in_slices up to 5 (k <= 2) the windows of the last
+# slice of one slab and the first of the next share no slice once 2k = 4 slices lie between them,
+# and one more is margin for the correlation of adjacent (often overlapping) reconstructions.
+SLAB_GAP_SLICES = 5
 # Rotations by 90/180/270 degrees (k quarter turns) and a horizontal flip: the paper's augmentation.
 QUARTER_TURNS = (0, 1, 2, 3)
 
@@ -135,6 +141,81 @@ def assign_splits(pairs: list[PairSpec], val_fraction: float = 0.1, test_fractio
     for rank, i in enumerate(order):
         chosen[open_patients[i]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
     return [p if p.split is not None else PairSpec(p.patient, p.low, p.normal, chosen[p.patient], p.slices) for p in pairs]
+
+
+def slab_ranges(n_slices: int, val_fraction: float, test_fraction: float, gap: int = SLAB_GAP_SLICES) -> dict[str, tuple[int, int]]:
+    """[first, end) ranges cutting one patient's n matched slices (ascending position) into
+    contiguous slabs: train first, then val, then test, ``gap`` slices apart. Sizes follow
+    split_counts: each fraction of n rounded, a non-zero fraction gets at least one slice, and the
+    held-out slabs shrink (test first) while training would be left empty. A zero fraction gets no
+    slab (and no gap). A volume too short for that is a one-line CommandError."""
+    sizes = {"val": round(val_fraction * n_slices), "test": round(test_fraction * n_slices)}
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if fraction > 0 and sizes[name] == 0:
+            sizes[name] = 1
+    held = [name for name in ("val", "test") if sizes[name] > 0]
+    gaps = gap * len(held)
+    while n_slices - gaps - sum(sizes.values()) < 1 and any(sizes[name] > 1 for name in held):
+        sizes["test" if sizes["test"] > 1 else "val"] -= 1
+    n_train = n_slices - gaps - sum(sizes.values())
+    if n_train < 1:
+        raise CommandError(f"{n_slices} matched slices are too few to cut into {' / '.join(['train', *held])} slabs "
+                           f"{gap} slices apart (at least {1 + len(held) + gaps} needed): add patients, or set split and slices in the pairs file")
+    ranges = {"train": (0, n_train)}
+    end = n_train
+    for name in held:
+        ranges[name] = (end + gap, end + gap + sizes[name])
+        end = ranges[name][1]
+    return ranges
+
+
+@dataclass
+class SlabCut:
+    """How split_pairs cut one pair of a single patient into slabs."""
+
+    patient: str
+    slices: int  # matched slices of the pair
+    ranges: dict[str, tuple[int, int]]
+    gap: int = SLAB_GAP_SLICES
+
+    def line(self) -> str:
+        slabs = ", ".join(f"{name} [{first}, {end})" for name, (first, end) in self.ranges.items())
+        return f"single patient {self.patient} cut into slabs of its {self.slices} matched slices: {slabs} ({self.gap}-slice gaps)"
+
+    def fields(self) -> dict:
+        return {"patient": self.patient, "slices": self.slices, "gap": self.gap,
+                **{name: list(bounds) for name, bounds in self.ranges.items()}}
+
+
+def split_pairs(pairs: list[PairSpec], val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                cache: dict[Path, Volume] | None = None) -> tuple[list[PairSpec], list[SlabCut]]:
+    """Every pair with its split: the one rule ``train`` and ``evaluate`` share, so both see the same
+    held-out slices. By patient (assign_splits), except when the pairs without a split all belong to
+    one patient whom no pair gives ``slices``: then each such pair is cut into slabs (slab_ranges)
+    for the splits that no explicit pair fills, which reads the pair to count its matched slices
+    (into ``cache``, for the caller to reuse)."""
+    open_pairs = [p for p in pairs if p.split is None]
+    patients = {p.patient for p in open_pairs}
+    if len(patients) != 1:
+        return assign_splits(pairs, val_fraction, test_fraction, seed), []
+    (patient,) = patients
+    explicit = {p.split for p in pairs if p.split is not None}
+    fractions = {name: 0.0 if name in explicit else fraction for name, fraction in (("val", val_fraction), ("test", test_fraction))}
+    if any(p.slices is not None for p in pairs if p.patient == patient) or not any(fractions.values()):
+        return assign_splits(pairs, val_fraction, test_fraction, seed), []
+    out, cuts = [], []
+    for spec in pairs:
+        if spec.split is not None:
+            out.append(spec)
+            continue
+        n_slices = load_pair(spec, cache)[0].hu.shape[0]
+        try:
+            ranges = slab_ranges(n_slices, fractions["val"], fractions["test"])
+        except CommandError as exc:
+            raise CommandError(f"pair {spec.patient} ({spec.low.name}), the only patient without a split: {exc}") from None
+        out += [PairSpec(spec.patient, spec.low, spec.normal, name, bounds) for name, bounds in ranges.items()]
+        cuts.append(SlabCut(spec.patient, n_slices, ranges))
+    return out, cuts
 
 
 # ---------------------------------------------------------------- volumes
@@ -299,11 +380,12 @@ def scale_pair(low: Volume, normal: Volume, patient: str, scaling: InputScaling)
     )
 
 
-def load_scaled_pairs(specs: list[PairSpec], scaling: InputScaling) -> list[ScaledPair]:
+def load_scaled_pairs(specs: list[PairSpec], scaling: InputScaling, cache: dict[Path, Volume] | None = None) -> list[ScaledPair]:
     """Every pair in network units; a volume shared by several pairs (slabs of one patient) is read
-    once and dropped after its last use, so loading never holds more than it must."""
+    once and dropped after its last use, so loading never holds more than it must. ``cache`` may
+    hold volumes already read (by split_pairs); the ones these pairs use are dropped from it."""
     uses = Counter(path for spec in specs for path in (spec.low, spec.normal))
-    cache: dict[Path, Volume] = {}
+    cache = {} if cache is None else cache
     out = []
     for spec in specs:
         out.append(scale_pair(*load_pair(spec, cache), spec.patient, scaling))

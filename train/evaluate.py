@@ -36,7 +36,7 @@ from ldct_node.denoise import DenoiseEngine  # noqa: E402
 from .bank import VALIDATION_KERNEL, is_bank, load_bank, noise_for  # noqa: E402
 from .baselines import BASELINES, BaselineSettings, bm3d_available, denoise_volume  # noqa: E402
 from .trainer import parse_float_list  # noqa: E402
-from .data import SPLITS, PairSpec, Volume, assign_splits, load_pair, load_pairs  # noqa: E402
+from .data import SPLITS, PairSpec, Volume, load_pair, load_pairs, split_pairs  # noqa: E402
 from .metrics import HU_FULL, HU_SOFT_TISSUE, METRIC_LABELS, psnr, slice_metrics  # noqa: E402
 
 LOW_DOSE = "Low-dose input"
@@ -193,11 +193,14 @@ class HeldOut:
 
 
 def load_held_out(pairs_path: Path, split: str, val_fraction: float, test_fraction: float, seed: int) -> HeldOut:
-    specs = assign_splits(load_pairs(pairs_path), val_fraction, test_fraction, seed)
+    cache: dict = {}  # volumes split_pairs read to cut slabs, reused below
+    specs, cuts = split_pairs(load_pairs(pairs_path), val_fraction, test_fraction, seed, cache)
+    for cut in cuts:
+        print(cut.line())
     chosen = [spec for spec in specs if spec.split == split]
     if not chosen:
         raise CommandError(f"pairs file {pairs_path} has no '{split}' pairs: mark some with split = \"{split}\" or choose another --split")
-    return HeldOut([(spec, *load_pair(spec)) for spec in chosen])
+    return HeldOut([(spec, *load_pair(spec, cache)) for spec in chosen])
 
 
 def held_out_from_bank(folder: Path, split: str, dose: float, seed: int) -> HeldOut:

@@ -45,7 +45,7 @@ from ldct_node.denoise import resolve_device
 from ldct_node.model import REDCNNConfig, TSCNetConfig, build_model
 from ldct_node.weights import InputScaling, ModelCard, load_weights, read_card, save_weights
 
-from .data import PairedSlices, assign_splits, load_pairs, load_scaled_pairs
+from .data import PairedSlices, load_pairs, load_scaled_pairs, split_pairs
 from .losses import LossInputs, LossWeights, total_loss
 from .metrics import HU_FULL, psnr
 from .bank import DOSE_RANGE, KERNEL_ALPHA_RANGE, KERNEL_CUTOFF_RANGE, REPORT_DOSES, VALIDATION_KERNEL, BankSlices, describe_bank, is_bank, load_bank
@@ -333,11 +333,14 @@ def describe_pair(spec, base: Path) -> dict:
 
 def load_split_data(pairs_path: Path, options: DataOptions, scaling: InputScaling) -> tuple[dict, dict]:
     """Training and validation pairs in network units, and the data description for the card."""
-    specs = assign_splits(load_pairs(pairs_path), options.val_fraction, options.test_fraction, options.split_seed)
+    cache: dict = {}  # volumes split_pairs read to cut slabs, reused below
+    specs, cuts = split_pairs(load_pairs(pairs_path), options.val_fraction, options.test_fraction, options.split_seed, cache)
+    for cut in cuts:
+        log.info("single patient cut into slabs", **cut.fields())
     by_split = {name: [s for s in specs if s.split == name] for name in ("train", "val", "test")}
     if not by_split["train"]:
         raise CommandError(f"pairs file {pairs_path} leaves no training pairs: mark some split = \"train\" or lower --val-fraction/--test-fraction")
-    scaled = load_scaled_pairs(by_split["train"] + by_split["val"], scaling)  # one pass: slabs share their volume
+    scaled = load_scaled_pairs(by_split["train"] + by_split["val"], scaling, cache)  # one pass: slabs share their volume
     loaded = {"train": scaled[: len(by_split["train"])], "val": scaled[len(by_split["train"]) :]}
     description = {
         "pairs_file": str(pairs_path),
@@ -345,6 +348,8 @@ def load_split_data(pairs_path: Path, options: DataOptions, scaling: InputScalin
         "splits": {name: [describe_pair(s, pairs_path.parent) for s in group] for name, group in by_split.items()},
         "slices": {name: int(sum(p.low.shape[0] for p in group)) for name, group in loaded.items()},
     }
+    if cuts:
+        description["automatic_slabs"] = [cut.fields() for cut in cuts]
     return loaded, description
 
 
