@@ -110,6 +110,31 @@ class AllowedPeer:
 
 
 @dataclass(frozen=True)
+class ReceiveTls:
+    """DICOM TLS on the receiving port (PS3.15 B.9 secure transport): every connection must complete a
+    TLS handshake (1.2 or later) within receive.acse_timeout_s, before any DICOM is read."""
+
+    certificate: Path  # PEM: the node's certificate, followed by any intermediate certificates
+    private_key: Path  # PEM, unencrypted (the service starts unattended); readable by the service user only
+    # PEM bundle of the CAs that issue the senders' certificates. Set: a sender without a certificate
+    # signed by one of them is refused during the handshake. Unset: any sender may connect (AE checks still apply).
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DestinationTls:
+    """DICOM TLS towards one destination. The peer's certificate is always verified."""
+
+    # PEM bundle of the CAs to trust for the destination's certificate; unset: the system's trust store.
+    ca_file: Path | None = None
+    # The certificate must name the destination's host (DNS name or IP address, as in `host`).
+    check_hostname: bool = True
+    # The node's own certificate and key (PEM), for a destination that requires client certificates.
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class ReceiveSettings:
     ae_title: str = "LDCT_NODE"
     host: str = "127.0.0.1"
@@ -140,6 +165,8 @@ class ReceiveSettings:
     allowed: tuple[AllowedPeer, ...] = ()
     # Below this free space on the spool volume C-STORE answers "out of resources".
     min_free_bytes: int = 512 * 1024 * 1024
+    # [receive.tls]: accept DICOM TLS only on this port; unset: plain TCP.
+    tls: ReceiveTls | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +175,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: DestinationTls | None = None  # e.g. tls = { ca_file = "/etc/ldct-node/pacs-ca.pem" }; unset: plain TCP
 
 
 @dataclass(frozen=True)
@@ -349,6 +377,36 @@ def validate(cfg: Config) -> None:
     need(cfg.storage.disk_full_retry_s > 0, "storage.disk_full_retry_s", "must be > 0")
 
 
+def _readable(path: Path | None, key: str, what: str) -> None:
+    """A one-line ConfigError when a file the node needs at start cannot be read."""
+    if path is None:
+        return
+    if not path.is_file():
+        raise ConfigError(f"config key '{key}': {what} {path} not found: check the path"
+                          f" (an absolute path; relative ones are taken from the working directory)")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"config key '{key}': {what} {path} cannot be read: make it readable by the user"
+                          " the node runs as (for a private key: owned by that user, mode 0600)")
+
+
+def validate_tls(cfg: Config) -> None:
+    """The TLS files named in cfg exist and can be read (their contents are checked by ldct_node.tls)."""
+    tls = cfg.receive.tls
+    if tls is not None:
+        _readable(tls.certificate, "receive.tls.certificate", "certificate file")
+        _readable(tls.private_key, "receive.tls.private_key", "private key file")
+        _readable(tls.ca_file, "receive.tls.ca_file", "CA file")
+    for i, dest in enumerate(cfg.send.destinations):
+        if dest.tls is None:
+            continue
+        key = f"send.destinations[{i}].tls"
+        if (dest.tls.certificate is None) != (dest.tls.private_key is None):
+            raise ConfigError(f"config key '{key}' needs both certificate and private_key (a client certificate), or neither")
+        _readable(dest.tls.ca_file, f"{key}.ca_file", "CA file")
+        _readable(dest.tls.certificate, f"{key}.certificate", "certificate file")
+        _readable(dest.tls.private_key, f"{key}.private_key", "private key file")
+
+
 def load_config(path: Path | None = None) -> Config:
     """The configuration from a TOML file, or the embedded default when path is None."""
     if path is None:
@@ -365,4 +423,5 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"config file {path} cannot be read ({exc}): check its permissions (run as the service user)") from None
         cfg = _build(Config, table, "")
     validate(cfg)
+    validate_tls(cfg)
     return cfg

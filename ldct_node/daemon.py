@@ -35,6 +35,7 @@ from pathlib import Path
 from .cli import CommandError
 from .config import Config, load_config
 from .denoise import DenoiseEngine
+from .durable import DATA_FILE_MODE, private_dir
 from .logs import configure_logging, get_logger
 from .observe import DeliveryBacklog, Health, HttpServer, Metrics
 from .queue import open_queue
@@ -85,8 +86,9 @@ def lock_data_dir(data_dir: Path) -> int:
     lock file never blocks a restart."""
     path = Path(data_dir) / LOCK_FILE
     try:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        private_dir(Path(data_dir))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, DATA_FILE_MODE)
+        os.fchmod(fd, DATA_FILE_MODE)  # also one an earlier version created with the umask
     except OSError as exc:
         raise CommandError(
             f"cannot use the data directory {data_dir}: {exc}; fix its permissions or set storage.data_dir"
@@ -115,7 +117,7 @@ class Node:
         storage = cfg.storage
         try:
             self.spool = Spool(storage.spool_dir, cfg.receive.min_free_bytes)
-            storage.outbox_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(storage.outbox_dir, tighten=True)
             self.queue = open_queue(storage.database)
         except (OSError, sqlite3.Error) as exc:
             raise CommandError(

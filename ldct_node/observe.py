@@ -15,7 +15,8 @@
                                                ``association_limit``, ``caller_limit``,
                                                ``unassociated_limit`` (closed at connect),
                                                ``negotiation_timeout``, ``pdu_too_long``,
-                                               ``instance_too_large``, ``uid_too_long``
+                                               ``instance_too_large``, ``uid_too_long``,
+                                               ``tls_handshake`` (no TLS, or a certificate refused)
 - ``ldct_series_done_total`` / ``ldct_series_failed_total``
 - ``ldct_series_denoise_seconds``              histogram of seconds per series (denoise + write)
 - ``ldct_series_fidelity_failed_total``        series failed by the HU fidelity gate (also in series_failed)

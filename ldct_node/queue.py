@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .durable import DATA_FILE_MODE, private_dir, private_file, restrict
 from .logs import get_logger
 from .spool import SpooledInstance
 
@@ -210,7 +211,12 @@ class DueDelivery:
 
 class Queue:
     def __init__(self, database: Path):
-        database.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(database.parent)
+        # SQLite creates the file with the umask and gives its -wal and -shm the file's mode: made 0600 first.
+        private_file(database)
+        for leftover in (database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+            if leftover.exists():  # kept by an earlier version's crash, with the umask's mode
+                restrict(leftover, DATA_FILE_MODE)
         # One connection shared under a lock: SQLite serialises writers anyway, and a single
         # connection keeps every transaction's view consistent for the threads of one process.
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None,

@@ -63,6 +63,7 @@ from __future__ import annotations
 import functools
 import socket
 import sqlite3
+import ssl
 import struct
 import threading
 import time
@@ -86,6 +87,7 @@ from .observe import Metrics
 from .queue import Queue
 from .series import UNREADABLE, classify
 from .spool import Spool, SpoolFull, is_valid_uid
+from .tls import server_context
 
 log = get_logger(__name__)
 
@@ -330,6 +332,22 @@ class Admission:
                 _drop(self._callers, slot.caller)
 
 
+class TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server, but with the TLS handshake left to the connection's own thread.
+
+    pynetdicom wraps an accepted socket in get_request, in the one thread that accepts connections,
+    with a blocking handshake: one caller that connects and says nothing would stop every other from
+    being accepted. Here the socket is only wrapped; GuardedRequestHandler shakes hands under the
+    Admission and within receive.acse_timeout_s.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's handler of one TCP connection, in a thread of its own, inside the node's Admission.
 
@@ -351,6 +369,8 @@ class GuardedRequestHandler(RequestHandler):
             return  # socketserver closes the socket
         self.slot = slot
         try:
+            if isinstance(self.request, ssl.SSLSocket) and not self.receiver._handshake(self.request, slot):
+                return
             # Bounds a read stopped inside a PDU, which pynetdicom's idle timer cannot interrupt.
             self.request.settimeout(self.receiver.settings.network_timeout_s)
             super().handle()  # creates the association (below) and starts its threads
@@ -464,6 +484,8 @@ class Receiver:
         self._audits: dict[Association, AssociationAudit] = {}
         self._slots: dict[Association, Slot] = {}
         self._audits_lock = threading.Lock()
+        # Built here, so that an unusable certificate or key stops the node at start (ConfigError).
+        self._ssl_context = server_context(settings.tls) if settings.tls else None
 
     def _make_ae(self) -> AE:
         s = self.settings
@@ -495,7 +517,8 @@ class Receiver:
         ]
         ae = self._make_ae()
         server = ae.make_server(
-            (self.settings.host, self.settings.port), evt_handlers=handlers, server_class=ThreadedAssociationServer,
+            (self.settings.host, self.settings.port), evt_handlers=handlers, server_class=TlsAssociationServer,
+            ssl_context=self._ssl_context,
             request_handler=functools.partial(GuardedRequestHandler, receiver=self),
         )
         # Each handler thread lives as long as its connection: stop() must not wait for them.
@@ -504,7 +527,9 @@ class Receiver:
         ae._servers.append(server)
         threading.Thread(target=make_target(server.serve_forever), name="ldct-receiver", daemon=True).start()
         self._server = server
-        log.info("receiver listening", ae_title=self.settings.ae_title, host=self.settings.host, port=self.port)
+        log.info("receiver listening", ae_title=self.settings.ae_title, host=self.settings.host, port=self.port,
+                 tls=self.settings.tls is not None,
+                 client_certificates=self.settings.tls is not None and self.settings.tls.ca_file is not None)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -563,6 +588,19 @@ class Receiver:
         self.admission.disconnect(slot)
         with self._audits_lock:
             self._slots.pop(assoc, None)
+
+    def _handshake(self, sock: ssl.SSLSocket, slot: Slot) -> bool:
+        """The TLS handshake of a new connection, within receive.acse_timeout_s; False: refused, logged, counted."""
+        sock.settimeout(self.settings.acse_timeout_s)
+        try:
+            sock.do_handshake()
+            return True
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__  # e.g. CERTIFICATE_VERIFY_FAILED, TimeoutError
+            refusal = Refusal("tls_handshake", f"TLS handshake failed: {reason}")
+        log.warning("connection refused", reason=refusal.reason, address=slot.address)
+        self._count(refusal.label)
+        return False
 
     def _refused_at_connect(self, address: tuple, refusal: Refusal) -> None:
         log.warning("connection refused", reason=refusal.reason, address=address[0], port=address[1])

@@ -13,6 +13,7 @@ stored; anything else fails the attempt, and the whole series is sent again on t
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from .config import Destination, SendSettings
 from .logs import get_logger
 from .observe import Metrics
+from .tls import client_context
 from .queue import DONE, FAILED, DueDelivery, Queue, RetryPolicy
 
 log = get_logger(__name__)
@@ -57,8 +59,25 @@ def retry_policy(settings: SendSettings) -> RetryPolicy:
     return RetryPolicy(settings.backoff_initial_s, settings.backoff_max_s, settings.give_up_after_s, settings.attempts)
 
 
+def tls_args(destination: Destination, context: ssl.SSLContext | None = None) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's (context, server name) for a destination with [tls], None for plain TCP."""
+    if destination.tls is None:
+        return None
+    return (context or client_context(destination.tls, f"send.destinations[{destination.name}].tls"), destination.host)
+
+
+def _unreachable(destination: Destination, assoc) -> str:
+    what = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
+    if destination.tls is not None and not assoc.is_rejected:
+        what += (" (TLS: or the handshake failed: check that it speaks TLS, that its certificate is signed by"
+                 " tls.ca_file and names the host, and whether it wants a client certificate)")
+    return f"{destination.ae_title}@{destination.host}:{destination.port} {what}"
+
+
 def make_ae(settings: SendSettings, transfer_syntaxes: list[str]) -> AE:
     ae = AE(ae_title=settings.ae_title)
+    # TCP connect and TLS handshake: pynetdicom's default (None) waits for ever on a peer that accepts and stays silent.
+    ae.connection_timeout = settings.acse_timeout_s
     ae.maximum_pdu_size = settings.max_pdu
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s
@@ -81,18 +100,19 @@ def transfer_syntaxes_of(files: list[Path]) -> list[str]:
     return found
 
 
-def send_series(files: list[Path], destination: Destination, settings: SendSettings) -> SendResult:
-    """C-STORE every file over one association; raise SendError with the first problem."""
+def send_series(files: list[Path], destination: Destination, settings: SendSettings,
+                context: ssl.SSLContext | None = None) -> SendResult:
+    """C-STORE every file over one association (TLS when the destination has [tls]; context: its
+    prepared client context); raise SendError with the first problem."""
     if not files:
         raise SendError("no derived instances to send")
     started = time.monotonic()
     # Files of one series share a transfer syntax; reading every meta guards against a mixed outbox.
     ae = make_ae(settings, transfer_syntaxes_of(files))
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                         tls_args=tls_args(destination, context), evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:
-        what = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
-        raise SendError(f"{destination.ae_title}@{destination.host}:{destination.port} {what}")
+        raise SendError(_unreachable(destination, assoc))
     sent = warnings = 0
     try:
         for path in files:
@@ -117,8 +137,10 @@ def echo(destination: Destination, settings: SendSettings) -> int | None:
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s
     ae.network_timeout = settings.network_timeout_s
+    ae.connection_timeout = settings.acse_timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=tls_args(destination))
     if not assoc.is_established:
         return None
     try:
@@ -142,6 +164,8 @@ class Sender(threading.Thread):
         self.on_finished = on_finished
         self.stopping = threading.Event()
         self._destinations = {d.name: d for d in settings.destinations}
+        # Built once, here: an unusable certificate, key or CA file stops the node at start (ConfigError).
+        self._contexts = {d.name: tls_args(d)[0] for d in settings.destinations if d.tls is not None}
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -166,7 +190,7 @@ class Sender(threading.Thread):
                 # Never deliver part of a series as if it were whole; a retry after the final
                 # failure denoises it again.
                 raise SendError(f"outbox {delivery.outbox} holds {len(files)} of {delivery.slices} derived instances")
-            result = send_series(files, destination, self.settings)
+            result = send_series(files, destination, self.settings, self._contexts.get(destination.name))
         except SendError as exc:
             return self._failed(delivery, str(exc), bound)
         except Exception as exc:  # noqa: BLE001 - a network stack error must fail the attempt, not the thread

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .durable import TEMP_PREFIX, atomic_write_bytes, fsync_dir
+from .durable import DATA_FILE_MODE, TEMP_PREFIX, atomic_write_bytes, fsync_dir, private_dir
 
 # DICOM UIDs (PS3.5 §9): digits and dots, at most 64 characters. Checking this before a UID
 # becomes a path component is what stops a hostile dataset writing outside the spool.
@@ -44,7 +44,8 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0):
         self.root = root
         self.min_free_bytes = min_free_bytes
-        root.mkdir(parents=True, exist_ok=True)
+        # Closed to group and others (patient data), also when an earlier version made it with the umask.
+        private_dir(root, tighten=True)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -77,10 +78,10 @@ class Spool:
         final = self.path_for(series_uid, sop_uid)
         try:
             if not final.parent.is_dir():
-                final.parent.mkdir(exist_ok=True)
+                private_dir(final.parent)
                 # the new directory entry must itself be durable, or a power cut loses the whole series
                 fsync_dir(self.root)
-            atomic_write_bytes(final, data)
+            atomic_write_bytes(final, data, DATA_FILE_MODE)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(exc.errno, f"spool volume full: {exc.strerror}") from exc

@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 
 from .config import DeriveSettings, FidelitySettings
 from .denoise import DenoiseEngine
+from .durable import DATA_DIR_MODE, private_dir
 from .logs import get_logger, one_line
 from .observe import Metrics
 from .process import SeriesResult, denoise_series, output_series_uid
@@ -103,7 +104,10 @@ def disk_full(exc: BaseException) -> OSError | None:
 def reset_dir(path: Path) -> None:
     """An empty directory: files of an earlier run with other inputs must not be sent with this one."""
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    private_dir(path.parent)
+    path.mkdir(mode=DATA_DIR_MODE)
+    # Exact whatever the umask; its derived files then get no more access than it (durable.default_mode).
+    path.chmod(DATA_DIR_MODE)
 
 
 class Worker(threading.Thread):

@@ -386,9 +386,12 @@ def test_write_dataset_replaces_atomically_and_leaves_no_temp_files(source, tmp_
 
 
 def test_written_file_gets_the_permissions_of_an_ordinary_file(source, tmp_path):
+    """In a folder open to others (the user's output folder); the node's own are not (test_file_modes)."""
     umask = os.umask(0)
     os.umask(umask)
-    path = tmp_path / "out.dcm"
+    (tmp_path / "shared").mkdir(mode=0o755)
+    (tmp_path / "shared").chmod(0o755)
+    path = tmp_path / "shared" / "out.dcm"
     write_dataset(derive(source), path)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
