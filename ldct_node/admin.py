@@ -8,7 +8,9 @@ a retried series at its next poll.
     ldct-node queue retry (SERIES_UID ... | --all-failed) [--config FILE]
     ldct-node queue purge (SERIES_UID ... | --state STATE ...) [--config FILE]
 
-``retry`` sends a failed series again when its derived series is still in the outbox, otherwise
+DETAIL shows, after deliveries and reason, the instances of a run the worker set aside because it
+could not use them ("set aside N: SOP Instance UID: reason; ..."); ``--json`` has them all under
+``set_aside``. ``retry`` sends a failed series again when its derived series is still in the outbox, otherwise
 denoises it again. ``purge`` forgets series and deletes their spooled input and derived output;
 series being denoised or sent are refused.
 """
@@ -43,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="every series in this state (repeatable)")
 
 
+# Instances set aside named in the table's DETAIL; --json lists them all.
+SET_ASIDE_SHOWN = 3
+
+
 def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
@@ -55,6 +61,8 @@ def format_table(rows: list[SeriesRow]) -> str:
         detail = row.reason or ""
         if row.deliveries:
             detail = "; ".join(delivery_detail(d) for d in row.deliveries) + (f"  {detail}" if detail else "")
+        if row.set_aside:
+            detail = (f"{detail}  " if detail else "") + set_aside_detail(row.set_aside)
         lines.append(f"{row.series_uid:<64}  {row.state:<9}  {row.run:>3}  {row.instances:>4}  "
                      f"{_when(row.last_received_at):<19}  {detail}")
     return "\n".join(lines)
@@ -66,6 +74,13 @@ def delivery_detail(d: Delivery) -> str:
     if d.state == PENDING and d.attempts:
         text += f" next {_when(d.next_attempt_at)} ({d.error})"
     return text
+
+
+def set_aside_detail(items: list[dict], shown: int = SET_ASIDE_SHOWN) -> str:
+    """'set aside N: UID: reason; ...' for the instances of a run the worker could not use (the first few)."""
+    listed = "; ".join(f"{item['sop_uid']}: {item['reason']}" for item in items[:shown])
+    more = f"; ... and {len(items) - shown} more" if len(items) > shown else ""
+    return f"set aside {len(items)}: {listed}{more}"
 
 
 def _selected(queue: Queue, uids: list[str], states: list[str] | None) -> list[str]:

@@ -6,6 +6,8 @@ stored -> HU -> stored is exact bit for bit; the engine may narrow them to float
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pydicom
 
@@ -48,6 +50,95 @@ def stored_values(ds: pydicom.Dataset) -> np.ndarray:
     if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
         raise ValueError(f"decoded pixels {int(arr.min())}..{int(arr.max())} exceed BitsStored range {lo}..{hi}")
     return arr
+
+
+# --- what makes an image unusable --------------------------------------------------------------------
+# One rule each, (data set) -> a one-line reason or None. They read header values only (never pixel
+# data, except decode_problem), may raise on malformed values, and are shared by the receiver (which
+# answers a failure status) and the worker (which sets the instance aside): series.image_problem
+# runs them in order.
+
+SUPPORTED_BITS_ALLOCATED = (8, 16, 32)
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+def rescale_problem(ds: pydicom.Dataset) -> str | None:
+    """RescaleSlope 0, NaN or infinite, or RescaleIntercept not finite: HU cannot be computed or recovered."""
+    slope, intercept = rescale(ds)
+    if not math.isfinite(slope) or slope == 0:
+        return f"RescaleSlope is {slope:g}: HU cannot be computed from it"
+    if not math.isfinite(intercept):
+        return f"RescaleIntercept is {intercept:g}: HU cannot be computed from it"
+    return None
+
+
+def grayscale_problem(ds: pydicom.Dataset) -> str | None:
+    """Anything but one sample per pixel in MONOCHROME1/2 (RGB, palette, YBR) is not a CT image to denoise."""
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        return f"SamplesPerPixel is {samples} (colour): a CT image has 1"
+    photometric = str(ds.get("PhotometricInterpretation") or "")
+    if photometric and photometric not in GRAYSCALE:
+        return f"PhotometricInterpretation is {photometric}: a CT image is MONOCHROME1 or MONOCHROME2"
+    return None
+
+
+def frames_problem(ds: pydicom.Dataset) -> str | None:
+    """CT Image Storage holds one frame; NumberOfFrames over 1 is another IOD in this SOP class."""
+    frames = ds.get("NumberOfFrames")
+    if frames not in (None, "") and int(frames) != 1:
+        return f"NumberOfFrames is {int(frames)}: a CT image has one frame"
+    return None
+
+
+def bits_problem(ds: pydicom.Dataset) -> str | None:
+    """BitsAllocated 8, 16 or 32, 1 <= BitsStored <= BitsAllocated, PixelRepresentation 0 or 1."""
+    allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    if allocated not in SUPPORTED_BITS_ALLOCATED:
+        return f"BitsAllocated is {allocated}: 8, 16 or 32 expected"
+    if not 1 <= stored <= allocated:
+        return f"BitsStored {stored} does not fit BitsAllocated {allocated}"
+    representation = int(ds.get("PixelRepresentation", 0))
+    if representation not in (0, 1):
+        return f"PixelRepresentation is {representation}: 0 or 1 expected"
+    return None
+
+
+def matrix_problem(ds: pydicom.Dataset) -> str | None:
+    """Rows and Columns at least 1."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if rows < 1 or columns < 1:
+        return f"image of {rows} x {columns} pixels (Rows x Columns): no pixel to denoise"
+    return None
+
+
+def native_pixel_bytes(ds: pydicom.Dataset) -> int:
+    """What uncompressed PixelData of one grayscale frame holds: Rows x Columns x BitsAllocated / 8."""
+    return int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
+
+
+def native_length_problem(ds: pydicom.Dataset, length: int) -> str | None:
+    """Uncompressed PixelData of `length` bytes must be exactly what the header says (one pad byte to even length allowed)."""
+    expected = native_pixel_bytes(ds)
+    if length == expected or (expected % 2 and length == expected + 1):
+        return None
+    return f"pixel data has {length} bytes, Rows x Columns x BitsAllocated/8 is {expected}"
+
+
+def decode_problem(ds: pydicom.Dataset) -> str | None:
+    """Decode the pixel data (compressed ones: the codestream) as the worker will; None when it gives one
+    Rows x Columns image within BitsStored. Costs a full decode: the receiver calls it for compressed
+    instances only, whose header says nothing about whether their codestream is sound."""
+    try:
+        arr = stored_values(ds)
+    except Exception as exc:  # noqa: BLE001 - every plugin raises its own types
+        return f"pixel data cannot be decoded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    if arr.shape != (int(ds.Rows), int(ds.Columns)):
+        return f"pixel data decodes to {arr.shape}, header says {int(ds.Rows)} x {int(ds.Columns)}"
+    return None
+
+
+HEADER_RULES = (matrix_problem, grayscale_problem, frames_problem, bits_problem, rescale_problem)
 
 
 def stored_to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:

@@ -8,10 +8,18 @@ bounded for total-body series of thousands of slices. Neighbours are chosen once
 the slice positions (denoise.neighbour_indices: only adjacent slices), and each chunk reads every
 slice its kept slices need. Every slice's input and output HU goes into the series' HU fidelity
 summary (ldct_node.fidelity); SeriesResult.fidelity_failure names the limit a series exceeds.
+
+One bad slice does not cost its series. Slices whose header makes them unusable never enter a
+stack (series.read_instance skips them, with the receiver's rules). A slice whose pixel data
+turns out unreadable while its stack is denoised is set aside with its reason
+(SeriesResult.skipped) and the stack is denoised again without it, from scratch, so that
+neighbour selection never sees it: its neighbours get exactly what they would have got had it never
+arrived. Files already written for that stack carry the same UIDs and are simply replaced.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -30,6 +38,15 @@ from .derive import Derivation, derive_dataset, derived_series_uid, derived_sop_
 from .fidelity import FidelityAccumulator, FidelitySummary, fidelity_violation
 from .pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
 from .series import Instance, Skipped, scan_files, stacks
+
+
+class UnusableSlice(Exception):
+    """A slice of a stack whose file cannot be read into HU; denoise_instances sets it aside."""
+
+    def __init__(self, instance: Instance, reason: str):
+        super().__init__(reason)
+        self.instance = instance
+        self.reason = reason
 
 
 @dataclass
@@ -82,6 +99,18 @@ def read_slice(path: Path, outside_fov_below_hu: float) -> SourceSlice:
     return SourceSlice(ds, stored, hu, keep)
 
 
+def read_stack_slice(instance: Instance, outside_fov_below_hu: float) -> SourceSlice:
+    """read_slice, with any failure of the file itself (decoder, values) raised as UnusableSlice;
+    running out of memory is no fault of the slice and stays what it is."""
+    try:
+        return read_slice(instance.path, outside_fov_below_hu)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every decoder raises its own types
+        detail = " ".join(str(exc).split())[:200] or "no detail"
+        raise UnusableSlice(instance, f"pixel data unusable ({type(exc).__name__}: {detail})") from exc
+
+
 def pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float, float] | None:
     """PixelSpacing (row, column) in mm, None when absent or not two positive numbers."""
     try:
@@ -107,13 +136,14 @@ def denoise_stack(
     progress: Callable[[int], None] | None = None,
     fidelity: FidelityAccumulator | None = None,
 ) -> list[Path]:
-    """Denoise one stack chunk by chunk, writing each slice; fidelity, when given, sees every slice's input and output HU."""
+    """Denoise one stack chunk by chunk, writing each slice; fidelity, when given, sees every slice's input and output HU.
+    Raises UnusableSlice for a slice whose file cannot be read (denoise_instances sets it aside)."""
     positions = [inst.position for inst in stack]
     spacing = slice_spacing(positions)
     neighbours = neighbour_indices(positions, engine.in_slices, engine.neighbour_tolerance, spacing)
     files = []
     for read_start, read_stop, keep_start, keep_stop in chunk_bounds(neighbours, engine.chunk_slices):
-        slices = [read_slice(inst.path, engine.outside_fov_below_hu) for inst in stack[read_start:read_stop]]
+        slices = [read_stack_slice(inst, engine.outside_fov_below_hu) for inst in stack[read_start:read_stop]]
         out_hu = engine.denoise_hu(
             np.stack([s.hu for s in slices]), np.stack([s.keep for s in slices]),
             positions=positions[read_start:read_stop], spacing=spacing,
@@ -139,7 +169,8 @@ def denoise_instances(
 ) -> SeriesResult:
     """Denoise one series' instances into out_dir/<derived SOPInstanceUID>.dcm and measure its HU
     fidelity; a summary over a limit is reported in fidelity_failure (the files are still written:
-    the caller decides what to do with them)."""
+    the caller decides what to do with them). A slice whose pixel data cannot be read is set aside
+    (SeriesResult.skipped, with its reason) and its stack denoised without it."""
     started = time.monotonic()
     derivation = derivation_for(engine, settings)
     new_series_uid = output_series_uid(series_uid, engine, settings)
@@ -159,10 +190,32 @@ def denoise_instances(
         return path
 
     measured = FidelityAccumulator(fidelity)
-    files = [path for stack in stacks(instances) for path in denoise_stack(stack, engine, write, progress, measured)]
+    files: list[Path] = []
+    set_aside: list[Skipped] = []
+    for stack in stacks(instances):
+        while stack:
+            # Each try of a stack measures into a copy and counts its own progress, so that a try cut
+            # short by an unusable slice leaves neither in the series' figures.
+            trial, done = copy.deepcopy(measured), [0]
+
+            def counted(slices: int) -> None:
+                done[0] += slices
+                if progress:
+                    progress(slices)
+
+            try:
+                files += denoise_stack(stack, engine, write, counted, trial)
+            except UnusableSlice as bad:
+                set_aside.append(Skipped(bad.instance.path, bad.reason))
+                stack = [inst for inst in stack if inst is not bad.instance]
+                if progress:
+                    progress(1 - done[0])  # the try's slices are undone; the slice set aside is dealt with
+                continue
+            measured = trial
+            break
     summary = measured.summary()
     return SeriesResult(series_uid, new_series_uid, files, len(files), time.monotonic() - started,
-                        fidelity=summary, fidelity_failure=fidelity_violation(summary, fidelity))
+                        skipped=set_aside, fidelity=summary, fidelity_failure=fidelity_violation(summary, fidelity))
 
 
 def slice_counter(total: int, report: Callable[[int, int], None]) -> Callable[[int], None]:
@@ -183,7 +236,8 @@ def denoise_series(
     sources: list[Path], out_dir: Path, engine: DenoiseEngine, settings: DeriveSettings,
     fidelity: FidelitySettings = FidelitySettings(), progress: Callable[[int, int], None] | None = None,
 ) -> SeriesResult:
-    """The worker's entry: the spooled files of one series; files that are not axial CT images are skipped and reported.
+    """The worker's entry: the spooled files of one series; files that are not axial CT images or cannot be used are
+    set aside and reported in SeriesResult.skipped, with their reasons; the others are derived.
     progress, when given, gets (slices done, slices in the series) after each chunk."""
     scan = scan_files(sources)
     if len(scan.series) != 1:
@@ -192,5 +246,5 @@ def denoise_series(
     (series_uid, instances), = scan.series.items()
     counted = slice_counter(len(instances), progress) if progress else None
     result = denoise_instances(series_uid, instances, out_dir, engine, settings, progress=counted, fidelity=fidelity)
-    result.skipped = scan.skipped
+    result.skipped = scan.skipped + result.skipped
     return result

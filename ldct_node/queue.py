@@ -18,6 +18,10 @@ Series states (column ``series.state``)::
 - ``done``: every destination stored every instance, or no destination is configured
   (``reason`` = "kept in outbox"). ``failed``: ``reason`` says why in one line.
 
+Instances of a run that the worker could not use (a slice whose pixel data does not decode, ...) are
+set aside: ``series.set_aside`` lists each one's SOP Instance UID and reason (JSON), the rest of the
+series is derived and sent as usual.
+
 Restart recovery (``recover``): ``denoising`` goes back to ``queued`` (the derived UIDs are
 deterministic, so the re-run writes the same files); ``sending`` simply resumes; spooled files whose
 row was lost are re-indexed. An instance arriving for a ``done``/``failed`` series opens a new run
@@ -36,6 +40,7 @@ and the sender can share a Queue.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -90,6 +95,7 @@ CREATE TABLE IF NOT EXISTS series (
     reason              TEXT,
     cleaned_at          REAL,
     instances           INTEGER,
+    set_aside           TEXT,
     updated_at          REAL NOT NULL
 );
 {instances}
@@ -185,6 +191,8 @@ class SeriesRow:
     cleaned_at: float | None
     updated_at: float
     deliveries: list[Delivery] = field(default_factory=list)
+    # Instances of this run the worker could not use: {"sop_uid": ..., "reason": ...} each.
+    set_aside: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -298,7 +306,7 @@ class Queue:
         db.execute(
             "UPDATE series SET state = ?, run = run + 1, last_received_at = max(last_received_at, ?), queued_at = NULL,"
             " started_at = NULL, denoised_at = NULL, finished_at = NULL, reason = NULL, cleaned_at = NULL,"
-            " instances = NULL, updated_at = ?"
+            " instances = NULL, set_aside = NULL, updated_at = ?"
             " WHERE series_uid = ?",
             (RECEIVED, now, now, series_uid),
         )
@@ -360,15 +368,18 @@ class Queue:
         seconds: float,
         destinations: list[str],
         now: float | None = None,
+        set_aside: list[tuple[str, str]] = (),
     ) -> str:
         """The worker wrote the derived series: sending (one pending delivery per destination), or done
-        when there is no destination. Returns the new state."""
+        when there is no destination. set_aside: (SOP Instance UID, reason) of each instance it could
+        not use. Returns the new state."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
                 "UPDATE series SET derived_series_uid = ?, outbox = ?, slices = ?, skipped = ?, denoise_seconds = ?,"
-                " denoised_at = ?, updated_at = ? WHERE series_uid = ?",
-                (derived_series_uid, str(outbox), slices, skipped, seconds, now, now, series_uid),
+                " denoised_at = ?, set_aside = ?, updated_at = ? WHERE series_uid = ?",
+                (derived_series_uid, str(outbox), slices, skipped, seconds, now, _set_aside_json(set_aside), now,
+                 series_uid),
             )
             db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
             if not destinations:
@@ -392,10 +403,12 @@ class Queue:
             )
         return QUEUED
 
-    def finish(self, series_uid: str, state: str, reason: str, now: float | None = None) -> str:
-        """End the current run as done or failed (worker failures, nothing to denoise)."""
+    def finish(self, series_uid: str, state: str, reason: str, now: float | None = None,
+               set_aside: list[tuple[str, str]] = ()) -> str:
+        """End the current run as done or failed (worker failures, nothing to denoise); set_aside as in denoised."""
         now = time.time() if now is None else now
         with self._tx() as db:
+            db.execute("UPDATE series SET set_aside = ? WHERE series_uid = ?", (_set_aside_json(set_aside), series_uid))
             return self._finish(db, series_uid, state, reason, now)
 
     @staticmethod
@@ -586,6 +599,7 @@ class Queue:
         if row is None:
             return None
         fields = dict(row)
+        fields["set_aside"] = json.loads(fields["set_aside"]) if fields.get("set_aside") else []
         # The column is set only once retention has removed the instance rows; until then they are counted.
         if fields["instances"] is None:
             fields["instances"] = db.execute(
@@ -627,6 +641,8 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     have = {r["name"] for r in db.execute("PRAGMA table_info(series)")}
     if "instances" not in have:
         db.execute("ALTER TABLE series ADD COLUMN instances INTEGER")
+    if "set_aside" not in have:
+        db.execute("ALTER TABLE series ADD COLUMN set_aside TEXT")
     if "pending_since" not in {r["name"] for r in db.execute("PRAGMA table_info(deliveries)")}:
         db.execute("ALTER TABLE deliveries ADD COLUMN pending_since REAL")
         # The last attempt is the closest record of how long an earlier version has been trying.
@@ -643,6 +659,11 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
             " DROP TABLE instances_by_sop_uid;"
             " COMMIT;"
         )
+
+
+def _set_aside_json(items: list[tuple[str, str]]) -> str | None:
+    """The set_aside column: a JSON list of {"sop_uid", "reason"}; NULL when nothing was set aside."""
+    return json.dumps([{"sop_uid": uid, "reason": reason} for uid, reason in items]) if items else None
 
 
 def outputs_complete(outbox: str | None, slices: int | None) -> bool:

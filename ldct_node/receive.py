@@ -37,12 +37,16 @@ What a sender sees:
                 ``receive.min_free_bytes`` or the disk filled while writing (nothing partial is
                 left). The sender should retry later. Setting ``min_free_bytes`` above the
                 volume size is the supported way to simulate a full spool.
-  ``0xA900``    dataset does not match SOP class: a CT image without pixel data, or with fewer
-                pixel bytes than Rows × Columns × BitsAllocated says.
-  ``0xC000``    cannot understand: the dataset cannot be decoded.
+  ``0xA900``    dataset does not match SOP class (series.image_problem, pixels.HEADER_RULES): a CT
+                image without pixel data; uncompressed pixel data of another length than
+                Rows × Columns × BitsAllocated / 8; RescaleSlope 0/NaN/infinite; colour
+                (SamplesPerPixel ≠ 1); more than one frame; BitsStored > BitsAllocated; Rows or
+                Columns 0.
+  ``0xC000``    cannot understand: the dataset cannot be decoded, an element's VR bytes are no
+                DICOM VR, or compressed pixel data of an instance to keep does not decode.
   ``0xC001``    cannot understand: StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID
-                missing or malformed, SOPInstanceUID different from the request's, or
-                SOPClassUID missing or not CT Image Storage.
+                missing or malformed (a component with a leading zero included), SOPInstanceUID
+                different from the request's, or SOPClassUID missing or not CT Image Storage.
   ============  =============================================================================
 
   Every failure status carries an ErrorComment and is logged with the UIDs known so far and the
@@ -55,7 +59,8 @@ What a sender sees:
   closed) and its duration in seconds. A connection that never asked for an association gets no line.
 
 The dataset is written exactly as it arrived (``event.encoded_dataset()``, no re-encoding); only
-the header is parsed to find the UIDs and to classify it.
+the header is parsed to find the UIDs and to classify and check it; pixel data is decoded only when
+compressed and kept (uncompressed pixel data: its length is checked, never decoded).
 """
 
 from __future__ import annotations
@@ -85,8 +90,9 @@ from .config import AllowedPeer, ReceiveSettings
 from .logs import get_logger
 from .observe import Metrics
 from .queue import Queue
-from .series import UNREADABLE, classify
-from .spool import Spool, SpoolFull, is_valid_uid
+from .pixels import decode_problem
+from .series import BAD_UID, MISMATCH, UNDECODABLE, UNREADABLE, classify, image_problem, is_compressed, uid_problem
+from .spool import Spool, SpoolFull
 from .tls import server_context
 
 log = get_logger(__name__)
@@ -405,23 +411,28 @@ def is_allowed(allowed: tuple[AllowedPeer, ...], ae_title: str, host: str) -> bo
     return any(p.ae_title.strip() == ae_title.strip() and p.host in ("", host) for p in allowed)
 
 
-def pixel_bytes_expected(ds: Dataset) -> int:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) // 8
+# The failure status for each kind of series.Problem.
+PROBLEM_STATUS = {MISMATCH: DATASET_MISMATCH, UNDECODABLE: CANNOT_UNDERSTAND, BAD_UID: BAD_UIDS}
 
 
 def check_pixels(ds: Dataset) -> None:
-    """Raise Refused when the image has no pixel data, or (uncompressed) fewer bytes than its header says."""
-    if "PixelData" not in ds:
-        raise Refused(DATASET_MISMATCH, "CT image without pixel data")
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        return
-    try:
-        expected = pixel_bytes_expected(ds)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise Refused(DATASET_MISMATCH, f"image size attributes unusable: {exc}") from None
-    if len(ds.PixelData) < expected:
-        raise Refused(DATASET_MISMATCH, f"pixel data has {len(ds.PixelData)} bytes, header says {expected}")
+    """Raise Refused when the image's header makes it unusable (series.image_problem: no pixel data,
+    uncompressed pixel data of another length than Rows x Columns x BitsAllocated/8, RescaleSlope
+    0/NaN, colour, multi-frame, BitsStored > BitsAllocated, Rows or Columns 0, VR bytes, UIDs).
+    Never decodes pixel data: check_codestream does, for the compressed instances the node keeps."""
+    problem = image_problem(ds)
+    if problem is not None:
+        raise Refused(PROBLEM_STATUS[problem.kind], problem.reason)
+
+
+def check_codestream(ds: Dataset) -> None:
+    """Raise Refused (0xC000) when compressed pixel data does not decode to the image its header
+    describes. Uncompressed pixel data is not decoded: its length is checked, and decoding it would
+    only cost time."""
+    if is_compressed(ds):
+        problem = decode_problem(ds)
+        if problem is not None:
+            raise Refused(CANNOT_UNDERSTAND, problem)
 
 
 def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], str | None]) -> Inspected:
@@ -433,21 +444,25 @@ def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], str
                                                      "SOPClassUID"))
         for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                           ("SOPInstanceUID", sop_uid)):
-            if not is_valid_uid(uid):
-                raise Refused(BAD_UIDS, f"{name} missing or not a valid UID")
+            found = uid_problem(uid)
+            if found:
+                raise Refused(BAD_UIDS, f"{name} {found}")
         if sop_uid != affected_sop_uid:
             raise Refused(BAD_UIDS, "SOPInstanceUID differs from the request's Affected SOP Instance UID")
         # A data set cut short loses its SOPClassUID; any other value contradicts the negotiated class.
         if sop_class != CTImageStorage:
             raise Refused(BAD_UIDS, "SOPClassUID missing or not CT Image Storage")
         check_pixels(ds)
+        reason = classify(ds)
+        if reason is not None and reason.startswith(UNREADABLE):
+            raise Refused(CANNOT_UNDERSTAND, reason)
+        if reason is None:
+            # Only what is kept is decoded: a scout or other image left alone costs no decode.
+            check_codestream(ds)
     except Refused:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types, some only when a value is read
         raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(exc).__name__}") from None
-    reason = classify(ds)
-    if reason is not None and reason.startswith(UNREADABLE):
-        raise Refused(CANNOT_UNDERSTAND, reason)
     return Inspected(series_uid, sop_uid, reason)
 
 

@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage, MediaStorageDirectoryStorage
+from pydicom.tag import Tag
+from pydicom.uid import UID, CTImageStorage, MediaStorageDirectoryStorage
+from pydicom.valuerep import VR
 
 from .derive import is_own_output
+from .pixels import HEADER_RULES, native_length_problem
+from .spool import is_valid_uid
 
 # Gantry tilt of CT scanners reaches about 30 degrees; anything further from axial is a reformat
 # (coronal, sagittal, oblique) that the network was not trained on.
@@ -28,6 +32,97 @@ _DEFER_SIZE = 1024
 
 # The label of every reason for a file that cannot be parsed; the receiver refuses those (0xC000).
 UNREADABLE = "unreadable DICOM"
+
+
+# What is wrong with a CT image the node cannot use, by the failure status the receiver answers for it
+# (receive.py maps each to its DIMSE status; the worker sets such an instance aside with its reason).
+MISMATCH = "dataset does not match SOP class"  # 0xA900
+UNDECODABLE = "cannot understand"  # 0xC000
+BAD_UID = "malformed UID"  # 0xC001
+
+IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_VRS = frozenset(VR.__members__)
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # MISMATCH, UNDECODABLE or BAD_UID
+    reason: str
+
+
+def uid_problem(uid: str) -> str | None:
+    """Why uid is no DICOM UID (PS3.5 §9.1): missing, other characters, over 64, or a component with a leading zero."""
+    if not uid:
+        return "missing"
+    if not is_valid_uid(uid):
+        return "not a valid UID"
+    if any(len(part) > 1 and part[0] == "0" for part in uid.split(".")):
+        return "has a component with a leading zero"
+    return None
+
+
+def vr_problem(ds: pydicom.Dataset) -> str | None:
+    """An element (in sequences too) whose explicit VR bytes are no DICOM VR; pydicom keeps such an
+    element raw and fails only when its value is used, which may be while the derived series is written."""
+    for tag in ds.keys():
+        elem = ds.get_item(tag, keep_deferred=True)
+        vr = elem.VR
+        if vr is not None and str(vr) not in _VRS:
+            return f"element {Tag(tag)} has VR bytes {str(vr)[:2]!r}, which is no DICOM VR"
+        if vr == "SQ":
+            for item in ds[tag].value or []:
+                found = vr_problem(item)
+                if found:
+                    return found
+    return None
+
+
+def pixel_data_length(ds: pydicom.Dataset) -> int | None:
+    """Bytes of PixelData as encoded (without reading a deferred value); None when there is none."""
+    if _PIXEL_DATA not in ds:
+        return None
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    value = elem.value
+    return len(value) if isinstance(value, (bytes, bytearray)) else int(elem.length)
+
+
+def is_compressed(ds: pydicom.Dataset) -> bool:
+    """The data set's transfer syntax (file meta) encapsulates its pixel data."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    return bool(syntax) and UID(str(syntax)).is_compressed
+
+
+def image_problem(ds: pydicom.Dataset) -> Problem | None:
+    """What makes a CT image unusable that its header shows, without decoding pixel data: identifying
+    UIDs, VR bytes, pixel data present, matrix, grayscale, single frame, bits, rescale and, for
+    uncompressed syntaxes, a PixelData length matching the header. None: usable as far as cheaply known."""
+    for name in IDENTIFYING_UIDS:
+        found = uid_problem(str(ds.get(name, "") or ""))
+        if found:
+            return Problem(BAD_UID, f"{name} {found}")
+    found = vr_problem(ds)
+    if found:
+        return Problem(UNDECODABLE, found)
+    length = pixel_data_length(ds)
+    if length is None:
+        return Problem(MISMATCH, "CT image without pixel data")
+    try:
+        for rule in HEADER_RULES:
+            found = rule(ds)
+            if found:
+                return Problem(MISMATCH, found)
+        if not is_compressed(ds):
+            if length == _UNDEFINED_LENGTH:
+                return Problem(MISMATCH, "encapsulated pixel data in an uncompressed transfer syntax")
+            found = native_length_problem(ds, length)
+            if found:
+                return Problem(MISMATCH, found)
+    except Exception as exc:  # noqa: BLE001 - a missing or malformed image attribute is the problem itself
+        return Problem(MISMATCH, f"image attributes unusable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
+    return None
 
 
 @dataclass
@@ -161,7 +256,8 @@ def damage(path: Path, ds: pydicom.Dataset) -> str | None:
 
 
 def read_instance(path: Path) -> Instance | Skipped:
-    """The file's Instance when it is an axial CT image to denoise, else Skipped with the reason."""
+    """The file's Instance when it is an axial CT image to denoise, else Skipped with the reason (also
+    when its header makes it unusable: image_problem, the rules the receiver answers a failure for)."""
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
     except InvalidDicomError:
@@ -172,6 +268,9 @@ def read_instance(path: Path) -> Instance | Skipped:
         reason = damage(path, ds) or classify(ds)
         if reason:
             return Skipped(path, reason)
+        problem = image_problem(ds)
+        if problem:
+            return Skipped(path, problem.reason)
         return Instance(
             path=path,
             sop_uid=str(ds.SOPInstanceUID),

@@ -6,7 +6,10 @@ thread moves quiet series from ``received`` to ``queued``), denoises the spooled
 ``outbox/<derived SeriesInstanceUID>/`` and hands the series to the sender (``sending``), or marks
 it ``done`` with "kept in outbox" when no destination is configured. Any failure of one series
 (a corrupt spooled file, no axial CT image in it ...) marks only that series ``failed`` with a
-one-line reason; the worker carries on with the next. So does the HU fidelity gate: a series
+one-line reason; the worker carries on with the next. One bad instance does not cost its series:
+an instance that cannot be used (its pixel data does not decode, RescaleSlope 0, ...) is set aside
+with its reason, one warning line each, listed in the "series denoised" line and in ``queue list``,
+and the rest of the series is derived and sent. So does the HU fidelity gate: a series
 whose soft-tissue HU changed beyond a ``[fidelity]`` limit is failed with that reason, its derived
 files are removed and nothing is sent (``queue retry`` denoises it again). A full outbox volume
 is not the series' fault: it goes back to ``queued`` with a one-line reason, the worker pauses for
@@ -171,10 +174,14 @@ class Worker(threading.Thread):
             if self.metrics:
                 self.metrics.series_progress(0, 0)  # no series in progress: a stale total would look stuck
         self.waiting_for_space = None
-        for skipped in result.skipped:
-            bound.info("instance skipped", file=skipped.path.name, reason=skipped.reason)
+        # Spooled files are named <SOP Instance UID>.dcm; every one the receiver kept was meant to be used.
+        set_aside = [(skipped.path.stem, skipped.reason) for skipped in result.skipped]
+        for sop_uid, reason in set_aside:
+            bound.warning("instance set aside", sop_uid=sop_uid, reason=reason)
+        shown = {"set_aside": [f"{uid}: {reason}" for uid, reason in set_aside]} if set_aside else {}
         if not result.files:
-            return self._finish(job, DONE, f"nothing to denoise ({len(result.skipped)} instances skipped)", bound)
+            return self._finish(job, DONE, f"nothing to denoise ({len(result.skipped)} instances set aside)",
+                                bound.bind(**shown), set_aside)
         # Processors other than EngineProcessor (tests' fakes) may not measure fidelity.
         fidelity, failure = getattr(result, "fidelity", None), getattr(result, "fidelity_failure", None)
         measures = fidelity.as_fields() if fidelity is not None else {}
@@ -187,12 +194,13 @@ class Worker(threading.Thread):
             return self._finish(job, FAILED, f"{failure} (not sent)", bound.bind(**measures))
         state = self.queue.denoised(
             job.series_uid, result.derived_series_uid, out_dir, len(result.files), len(result.skipped),
-            result.seconds, self.destinations,
+            result.seconds, self.destinations, set_aside=set_aside,
         )
         # With no destination the outbox is where the operator collects the series: the line says where.
         kept = {} if self.destinations else {"outbox": str(out_dir)}
         bound.info("series denoised", derived_series_uid=result.derived_series_uid, slices=len(result.files),
-                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **kept, **measures)
+                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **kept, **measures,
+                   **shown)
         if state == DONE:
             self._finished(job.series_uid, DONE)
         return state
@@ -207,9 +215,9 @@ class Worker(threading.Thread):
         bound.warning("series waits for disk space", reason=reason)
         return self.queue.requeue(job.series_uid, reason)
 
-    def _finish(self, job: Job, state: str, reason: str, bound) -> str:
+    def _finish(self, job: Job, state: str, reason: str, bound, set_aside: list[tuple[str, str]] = ()) -> str:
         (bound.error if state == FAILED else bound.info)("series finished", state=state, reason=reason)
-        after = self.queue.finish(job.series_uid, state, reason)
+        after = self.queue.finish(job.series_uid, state, reason, set_aside=set_aside)
         self._finished(job.series_uid, after)
         return after
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -225,6 +226,17 @@ def compress_jpeg_ls_lossless(src: Path, dst: Path) -> Path:
     """src re-encoded as JPEG-LS lossless (1.2.840.10008.1.2.4.80) with DCMTK: pydicom has no JPEG-LS encoder here."""
     tool = require_tool(DCMCJPLS)
     subprocess.run([str(tool), "+el", str(src), str(dst)], check=True, capture_output=True)
+    return dst
+
+
+def broken_jpeg_ls(src: Path, dst: Path) -> Path:
+    """src as JPEG-LS lossless whose codestream lost its first bytes, as a corrupt transfer leaves it:
+    the header still says JPEG-LS, 16 bits, Rows x Columns, but no decoder makes an image of it."""
+    compress_jpeg_ls_lossless(src, dst)
+    ds = pydicom.dcmread(dst)
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0)
+    ds.PixelData = pydicom.encaps.encapsulate([frame[2:]])
+    ds.save_as(dst, enforce_file_format=True)
     return dst
 
 

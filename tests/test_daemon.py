@@ -29,11 +29,12 @@ from ldct_node.config import (
     StorageSettings,
 )
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
+from ldct_node.process import derivation_for
 from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, SENDING, Queue
 from ldct_node.spool import Spool
 from ldct_node.worker import Worker, disk_full, remove_delivered
 from tests import peers
-from tests.synthetic import ct_series
+from tests.synthetic import broken_jpeg_ls, ct_series, save
 from tests.test_send import Pacs
 
 WAIT_S = 60.0
@@ -561,3 +562,49 @@ def test_a_taken_port_is_a_one_line_error_naming_the_setting(tmp_path, tiny_weig
         with pytest.raises(cli.CommandError, match="receive.port"):
             node.start()
         node.stop()
+
+
+# --- one bad slice does not cost its series ---------------------------------------------------------
+
+
+def slope_zero(ds, folder: Path) -> bytes:
+    ds.RescaleSlope = "0"
+    return save(ds, folder / "bad.dcm").read_bytes()
+
+
+def pixel_data_twice_too_long(ds, folder: Path) -> bytes:
+    ds.PixelData = ds.PixelData * 2
+    return save(ds, folder / "bad.dcm").read_bytes()
+
+
+def corrupt_jpeg_ls(ds, folder: Path) -> bytes:
+    return broken_jpeg_ls(save(ds, folder / "native.dcm"), folder / "bad.dcm").read_bytes()
+
+
+@pytest.mark.parametrize(("count", "bad_index", "spoil", "reason"), [
+    (10, 4, slope_zero, "RescaleSlope is 0"),
+    (5, 2, corrupt_jpeg_ls, "pixel data unusable"),
+    (3, 0, pixel_data_twice_too_long, "pixel data has 1024 bytes"),
+])
+def test_one_unusable_slice_is_set_aside_and_the_rest_of_its_series_is_delivered(
+        nodes, pacs, tiny_weights, tmp_path, capsys, count, bad_index, spoil, reason):
+    node = nodes(config(tmp_path, tiny_weights, [pacs.destination]))
+    series = ct_series(count, rows=16, columns=16)
+    uid, bad = series[0].SeriesInstanceUID, series[bad_index]
+    good = [ds for ds in series if ds is not bad]
+    with capture_logs() as logs:
+        # The bad slice reached the spool past the receiver's checks (an earlier version took it).
+        spooled = node.spool.write_instance(uid, bad.SOPInstanceUID, spoil(bad, tmp_path))
+        node.queue.add_instance(uid, bad.SOPInstanceUID, spooled.path)
+        assert send(node, good) == [0] * (count - 1)
+        row = wait_state(node.queue, uid, DONE)
+    derivation, root = derivation_for(node.processor.engine, node.cfg.derive), node.cfg.derive.uid_root
+    assert sorted(pacs.stored) == sorted(derive.derived_sop_uid(ds.SOPInstanceUID, derivation, root) for ds in good)
+    ((set_aside),) = row.set_aside
+    assert set_aside["sop_uid"] == bad.SOPInstanceUID and set_aside["reason"].startswith(reason)
+    (line,) = [e for e in logs if e["event"] == "series denoised"]
+    assert line["slices"] == count - 1 and line["set_aside"] == [f"{bad.SOPInstanceUID}: {set_aside['reason']}"]
+    assert [e["sop_uid"] for e in logs if e["event"] == "instance set aside"] == [bad.SOPInstanceUID]
+    node.stop()
+    assert cli.main(["queue", "list", "--config", str(write_config(tmp_path))]) == 0
+    assert f"set aside 1: {bad.SOPInstanceUID}: {reason}" in capsys.readouterr().out

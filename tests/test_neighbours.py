@@ -192,3 +192,28 @@ def test_end_to_end_chunking_gives_the_same_pixels_as_one_chunk(tmp_path, three_
         assert whole.keys() == chunked.keys()
         for sop in whole:
             np.testing.assert_array_equal(whole[sop], chunked[sop], err_msg=f"{sop} chunk={chunk}")
+
+
+@pytest.mark.parametrize("chunk", [1, 64])
+def test_a_slice_set_aside_is_never_a_neighbour_the_others_come_out_as_if_it_never_came(
+        tmp_path, three_slice_weights, chunk):
+    zs = [0.0, 3.0, 6.0, 9.0, 12.0]
+    datasets = series_at(zs, range(len(zs)))
+    without = run_series(tmp_path / "without", [ds for i, ds in enumerate(datasets) if i != 2], three_slice_weights,
+                         chunk_slices=chunk)
+    paths = synthetic.write_series(tmp_path / "in", datasets)
+    synthetic.broken_jpeg_ls(paths[2], paths[2])  # the slice at 6 mm: its header reads, its pixels do not
+    (series_uid, instances), = scan_files(paths).series.items()
+    assert len(instances) == 5
+    engine = DenoiseEngine.from_path(three_slice_weights, InferenceSettings(device="cpu", threads=1, chunk_slices=chunk))
+    progress = []
+    result = denoise_instances(series_uid, instances, tmp_path / "out", engine, DeriveSettings(), progress=progress.append)
+    ((skipped),) = result.skipped
+    assert skipped.path == paths[2] and skipped.reason.startswith("pixel data unusable")
+    assert sum(progress) == 5  # a try cut short is undone; the slice set aside counts as dealt with
+    assert len(result.files) == 4 == len(list((tmp_path / "out").glob("*.dcm")))
+    got = {pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID: pydicom.dcmread(p).pixel_array
+           for p in result.files}
+    assert got.keys() == without.keys()
+    for sop in without:
+        np.testing.assert_array_equal(got[sop], without[sop], err_msg=sop)

@@ -8,16 +8,23 @@ import pytest
 from pydicom.dataset import Dataset
 
 from ldct_node.pixels import (
+    bits_problem,
+    decode_problem,
+    frames_problem,
+    grayscale_problem,
     hu_to_stored,
+    matrix_problem,
+    native_length_problem,
     padding_mask,
     padding_values,
     rescale,
+    rescale_problem,
     restore_masked,
     stored_range,
     stored_to_hu,
     stored_values,
 )
-from tests.synthetic import ct_dataset, phantom_hu, save, to_stored
+from tests.synthetic import broken_jpeg_ls, compress_jpeg_ls_lossless, ct_dataset, phantom_hu, save, to_stored
 
 
 @pytest.mark.parametrize(
@@ -171,3 +178,73 @@ def test_restore_masked_takes_masked_pixels_from_the_original():
 def test_restore_masked_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         restore_masked(np.zeros(3), np.zeros(4), np.zeros(3, dtype=bool))
+
+
+# --- what makes an image unusable: one rule each ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("slope", "intercept", "found"), [
+    ("1", "-1024", None), ("0.5", "0", None), ("", "", None),  # empty: the identity rescale
+    ("0", "-1024", "RescaleSlope is 0"), ("NaN", "0", "RescaleSlope is nan"), ("inf", "0", "RescaleSlope is inf"),
+    ("1", "NaN", "RescaleIntercept is nan"),
+])
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_rescale_problem_names_a_slope_or_intercept_that_cannot_give_hu(slope, intercept, found):
+    ds = Dataset()
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    problem = rescale_problem(ds)
+    assert (problem is None) if found is None else problem.startswith(found)
+
+
+def test_grayscale_problem_refuses_colour_and_other_photometrics():
+    ds = ct_dataset(rows=4, columns=4)
+    assert grayscale_problem(ds) is None
+    ds.SamplesPerPixel = 3
+    assert grayscale_problem(ds).startswith("SamplesPerPixel is 3")
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "PALETTE COLOR"
+    assert "PALETTE COLOR" in grayscale_problem(ds)
+
+
+def test_frames_problem_refuses_more_than_one_frame():
+    ds = ct_dataset(rows=4, columns=4)
+    assert frames_problem(ds) is None
+    ds.NumberOfFrames = 1
+    assert frames_problem(ds) is None
+    ds.NumberOfFrames = 2
+    assert frames_problem(ds).startswith("NumberOfFrames is 2")
+
+
+@pytest.mark.parametrize(("allocated", "stored", "representation", "ok"), [
+    (16, 12, 0, True), (16, 16, 1, True), (8, 8, 0, True),
+    (16, 17, 0, False), (16, 0, 0, False), (12, 12, 0, False), (16, 12, 2, False),
+])
+def test_bits_problem_needs_bits_stored_within_a_supported_bits_allocated(allocated, stored, representation, ok):
+    ds = Dataset()
+    ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation = allocated, stored, representation
+    assert (bits_problem(ds) is None) is ok
+
+
+def test_matrix_problem_refuses_zero_rows_or_columns():
+    ds = Dataset()
+    ds.Rows, ds.Columns = 16, 16
+    assert matrix_problem(ds) is None
+    ds.Rows = 0
+    assert "0 x 16" in matrix_problem(ds)
+
+
+@pytest.mark.parametrize(("rows", "columns", "bits", "length", "ok"), [
+    (16, 16, 16, 512, True), (16, 16, 16, 511, False), (16, 16, 16, 1024, False), (16, 16, 16, 514, False),
+    (3, 3, 8, 10, True),  # 9 bytes padded to even length
+    (3, 3, 8, 9, True), (3, 3, 8, 11, False),
+])
+def test_native_length_problem_wants_exactly_rows_columns_bits(rows, columns, bits, length, ok):
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.BitsAllocated = rows, columns, bits
+    assert (native_length_problem(ds, length) is None) is ok
+
+
+def test_decode_problem_finds_a_codestream_no_decoder_takes(tmp_path):
+    good = save(ct_dataset(rows=16, columns=16), tmp_path / "good.dcm")
+    assert decode_problem(pydicom.dcmread(compress_jpeg_ls_lossless(good, tmp_path / "jls.dcm"))) is None
+    broken = pydicom.dcmread(broken_jpeg_ls(good, tmp_path / "broken.dcm"))
+    assert decode_problem(broken).startswith("pixel data cannot be decoded")

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage,
-    RLELossless,
+    CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless,
+    MRImageStorage, RLELossless,
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
@@ -24,11 +24,13 @@ from ldct_node.observe import Metrics
 from ldct_node.queue import Queue
 from ldct_node.receive import (
     BAD_UIDS, CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, Receiver, Refused,
-    check_pixels, inspect, is_allowed,
+    check_codestream, check_pixels, inspect, is_allowed,
 )
 from ldct_node.series import classify
 from ldct_node.spool import Spool
-from tests.synthetic import ct_dataset, localizer_dataset, save, without_pixels
+from tests.synthetic import (
+    broken_jpeg_ls, compress_jpeg_ls_lossless, ct_dataset, localizer_dataset, save, without_pixels,
+)
 
 
 @pytest.fixture
@@ -322,3 +324,83 @@ def test_a_connection_that_never_asks_for_an_association_is_not_audited(node):
         audit_lines(logs)
         time.sleep(0.2)
     assert len([e for e in logs if e["event"] == "association ended"]) == 1
+
+
+# --- one bad slice is refused at receive, never answered success and lost later --------------------
+
+
+def broken(change):
+    ds = ct_dataset(rows=16, columns=16)
+    change(ds)
+    return ds
+
+
+def multi_frame(ds):
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize(("change", "status", "comment"), [
+    (lambda ds: setattr(ds, "RescaleSlope", "0"), DATASET_MISMATCH, "RescaleSlope is 0"),
+    (lambda ds: setattr(ds, "RescaleSlope", "NaN"), DATASET_MISMATCH, "RescaleSlope is nan"),
+    (lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), DATASET_MISMATCH, "pixel data has 1024 bytes"),
+    (lambda ds: setattr(ds, "SamplesPerPixel", 3), DATASET_MISMATCH, "SamplesPerPixel is 3"),
+    (multi_frame, DATASET_MISMATCH, "NumberOfFrames is 2"),
+    (lambda ds: setattr(ds, "BitsStored", 17), DATASET_MISMATCH, "BitsStored 17 does not fit"),
+    (lambda ds: setattr(ds, "Rows", 0), DATASET_MISMATCH, "image of 0 x 16 pixels"),
+    (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.840.0123.4"), BAD_UIDS, "SeriesInstanceUID has a component"),
+])
+def test_an_unusable_slice_is_refused_with_its_status_and_nothing_is_spooled(node, change, status, comment):
+    receiver = node()
+    ds = broken(change)
+    assoc = associate(receiver)
+    rsp = assoc.send_c_store(ds)
+    assoc.release()
+    assert (int(rsp.Status), str(rsp.ErrorComment)[:len(comment)]) == (status, comment)
+    assert spooled_files(receiver) == [] and receiver.queue.depth()["received"] == 0
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == SUCCESS  # the association's next slice is taken
+
+
+def test_a_corrupt_jpeg_ls_codestream_cannot_be_understood(node, tmp_path, monkeypatch):
+    receiver = node()
+    good = save(ct_dataset(rows=16, columns=16), tmp_path / "good.dcm")
+    sent = broken_jpeg_ls(good, tmp_path / "broken.dcm")
+    assert store_file(receiver, sent, monkeypatch, JPEGLSLossless) == CANNOT_UNDERSTAND
+    assert spooled_files(receiver) == []
+    assert store_file(receiver, compress_jpeg_ls_lossless(good, tmp_path / "ok.dcm"), monkeypatch,
+                      JPEGLSLossless) == SUCCESS
+
+
+def test_vr_bytes_that_are_no_dicom_vr_cannot_be_understood(node, tmp_path, monkeypatch):
+    receiver = node()
+    path = save(ct_dataset(rows=16, columns=16), tmp_path / "vr.dcm")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x08\x00\x60\x00CS", 132)  # Modality: a value the receiver itself never reads
+    data[at + 4:at + 6] = b"ZZ"
+    path.write_bytes(bytes(data))
+    assert store_file(receiver, path, monkeypatch) == CANNOT_UNDERSTAND
+    assert spooled_files(receiver) == []
+
+
+def test_uncompressed_pixel_data_is_not_decoded_at_receive(node, monkeypatch):
+    receiver = node()
+    monkeypatch.setattr(Dataset, "pixel_array", property(lambda ds: pytest.fail("native pixels decoded")))
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == SUCCESS
+
+
+def test_a_scout_left_alone_is_not_decoded(node, tmp_path, monkeypatch):
+    receiver = node()
+    scout = localizer_dataset(rows=16, columns=16)
+    sent = broken_jpeg_ls(save(scout, tmp_path / "scout.dcm"), tmp_path / "scout-jls.dcm")
+    assert store_file(receiver, sent, monkeypatch, JPEGLSLossless) == SUCCESS
+    assert spooled_files(receiver) == []
+
+
+def test_check_codestream_leaves_native_pixel_data_alone_and_decodes_compressed(tmp_path):
+    good = save(ct_dataset(rows=16, columns=16), tmp_path / "good.dcm")
+    check_codestream(pydicom.dcmread(good))
+    check_codestream(pydicom.dcmread(compress_jpeg_ls_lossless(good, tmp_path / "ok.dcm")))
+    with pytest.raises(Refused) as err:
+        check_codestream(pydicom.dcmread(broken_jpeg_ls(good, tmp_path / "bad.dcm")))
+    assert err.value.status == CANNOT_UNDERSTAND

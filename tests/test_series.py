@@ -13,7 +13,10 @@ from pydicom.fileset import FileSet
 from ldct_node.config import DeriveSettings
 from ldct_node.derive import Derivation, derive_dataset
 from ldct_node.pixels import stored_values
-from ldct_node.series import Instance, Skipped, classify, read_instance, scan_files, scan_tree, slice_position, stacks
+from ldct_node.series import (
+    BAD_UID, MISMATCH, Instance, Skipped, classify, image_problem, read_instance, scan_files, scan_tree, slice_position,
+    stacks, uid_problem, vr_problem,
+)
 from tests import synthetic
 
 
@@ -271,3 +274,64 @@ def test_shared_series_scans_as_one_sorted_contiguous_stack(shared_series):
     gaps = {round(b.position - a.position, 3) for a, b in zip(stack, stack[1:])}
     assert gaps == {3.0}
     assert stack[0].instance_number == 134 and stack[-1].instance_number == 1
+
+
+# --- unusable images: the rules the receiver answers a failure for and the worker sets aside --------
+
+
+@pytest.mark.parametrize(("uid", "found"), [
+    ("1.2.840.10008.5.1.4.1.1.2", None), ("1.2.0.3", None), ("0.1", None),
+    ("1.2.03.4", "has a component with a leading zero"), ("01.2", "has a component with a leading zero"),
+    ("", "missing"), ("1.2.a", "not a valid UID"), ("1." + "2" * 63, "not a valid UID"),
+])
+def test_uid_problem_refuses_leading_zeros_and_malformed_uids(uid, found):
+    assert uid_problem(uid) == found
+
+
+def with_vr_bytes(path: Path, keyword_tag: bytes, vr: bytes) -> Path:
+    data = bytearray(path.read_bytes())
+    at = data.index(keyword_tag, 132)
+    data[at + 4:at + 6] = vr
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("tag", [b"\x08\x00\x60\x00", b"\x08\x00\x00\x01"])  # Modality; CodeValue in a sequence
+def test_vr_problem_finds_vr_bytes_that_are_no_dicom_vr(tmp_path, tag):
+    path = synthetic.save(synthetic.ct_dataset(rows=8, columns=8), tmp_path / "ct.dcm")
+    assert vr_problem(pydicom.dcmread(path)) is None
+    with_vr_bytes(path, tag, b"ZZ")
+    assert "'ZZ'" in vr_problem(pydicom.dcmread(path))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize(("change", "kind", "reason"), [
+    (lambda ds: setattr(ds, "RescaleSlope", "0"), MISMATCH, "RescaleSlope is 0"),
+    (lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), MISMATCH, "pixel data has 256 bytes"),
+    (lambda ds: setattr(ds, "SamplesPerPixel", 3), MISMATCH, "SamplesPerPixel is 3"),
+    (lambda ds: setattr(ds, "BitsStored", 17), MISMATCH, "BitsStored 17"),
+    (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.03"), BAD_UID, "SeriesInstanceUID has a component"),
+    (lambda ds: delattr(ds, "Rows"), MISMATCH, "image attributes unusable"),
+])
+def test_image_problem_gives_the_kind_and_reason_of_the_first_rule_broken(change, kind, reason):
+    ds = synthetic.ct_dataset(rows=8, columns=8)
+    assert image_problem(ds) is None
+    change(ds)
+    problem = image_problem(ds)
+    assert problem.kind == kind and problem.reason.startswith(reason), problem
+
+
+def test_image_problem_reads_the_length_of_deferred_pixel_data_without_loading_it(tmp_path):
+    ds = synthetic.ct_dataset(rows=8, columns=8)
+    ds.PixelData = ds.PixelData * 2
+    path = synthetic.save(ds, tmp_path / "long.dcm")
+    deferred = pydicom.dcmread(path, defer_size=64)
+    assert image_problem(deferred).reason == "pixel data has 256 bytes, Rows x Columns x BitsAllocated/8 is 128"
+    assert deferred.get_item("PixelData", keep_deferred=True).value is None
+
+
+def test_read_instance_sets_an_unusable_image_aside_with_its_reason(tmp_path):
+    ds = synthetic.ct_dataset(rows=8, columns=8)
+    ds.RescaleSlope = "0"
+    found = read_instance(synthetic.save(ds, tmp_path / "slope0.dcm"))
+    assert isinstance(found, Skipped) and found.reason.startswith("RescaleSlope is 0")
