@@ -38,6 +38,7 @@ def write_series(folder: Path, hu: np.ndarray, z0: float = 10.0, dz: float = 2.5
     """A tiny CT series, one file per slice, with stored = HU − intercept."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
     for k, plane in enumerate(hu):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -48,6 +49,7 @@ def write_series(folder: Path, hu: np.ndarray, z0: float = 10.0, dz: float = 2.5
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series_uid
+        ds.StudyInstanceUID = study_uid
         ds.Modality = "CT"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [0.0, 0.0, z0 + k * dz]
