@@ -25,7 +25,7 @@ from .durable import atomic_write_bytes
 from .model import build_model
 
 CARD_FORMAT = "ldct-node-weights/1"
-SHIPPED_STEM = "tscnet-student-v1"
+SHIPPED_STEM = "tscnet-student-v2"
 
 
 class WeightsError(RuntimeError):

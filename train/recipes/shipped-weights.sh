@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How weights/tscnet-student-v1 was made, on a 2-core CPU without a GPU (see weights/MODEL_CARD.md).
+# How the earlier weights tscnet-student-v1 (1.0.0, replaced by v2; in git history) were made, on a 2-core CPU without a GPU (its model card is in git history).
 # Usage: bash train/recipes/shipped-weights.sh WORK_DIR   (../shared/data/pancreas-ct-cb001 must exist)
 set -euo pipefail
 work=$(realpath -m "${1:?usage: shipped-weights.sh WORK_DIR}")
