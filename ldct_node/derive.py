@@ -97,9 +97,11 @@ def derived_series_uid(source_series_uid: str, derivation: Derivation, root: str
     return _derived_uid("series", source_series_uid, derivation, root)
 
 
-def derived_sop_uid(source_sop_uid: str, derivation: Derivation, root: str) -> str:
-    """The SOPInstanceUID of the derived instance of source_sop_uid."""
-    return _derived_uid("instance", source_sop_uid, derivation, root)
+def derived_sop_uid(source_series_uid: str, source_sop_uid: str, derivation: Derivation, root: str) -> str:
+    """The SOPInstanceUID of the derived instance of source_sop_uid in source_series_uid. The series is
+    part of the name because a modality may reuse a SOP Instance UID in a second series: both slices
+    are kept, and their derived instances must not replace each other in PACS."""
+    return _derived_uid("instance", f"{source_series_uid}\x1f{source_sop_uid}", derivation, root)
 
 
 def _code_item(code: tuple[str, str, str]) -> Dataset:

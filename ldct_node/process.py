@@ -181,7 +181,7 @@ def denoise_instances(
         ds = source.dataset
         stored = hu_to_stored(hu, *rescale(ds), int(ds.BitsStored), int(ds.PixelRepresentation), source.stored.dtype)
         stored = restore_masked(source.stored, stored, source.keep)
-        sop_uid = derived_sop_uid(ds.SOPInstanceUID, derivation, settings.uid_root)
+        sop_uid = derived_sop_uid(ds.SeriesInstanceUID, ds.SOPInstanceUID, derivation, settings.uid_root)
         derived = derive_dataset(
             ds, stored, series_uid=new_series_uid, sop_uid=sop_uid, derivation=derivation, settings=settings, created=created
         )

@@ -54,7 +54,7 @@ def derive(source: pydicom.Dataset, stored: np.ndarray | None = None, settings: 
         source,
         stored,
         series_uid=derived_series_uid(source.SeriesInstanceUID, derivation, settings.uid_root),
-        sop_uid=derived_sop_uid(source.SOPInstanceUID, derivation, settings.uid_root),
+        sop_uid=derived_sop_uid(source.SeriesInstanceUID, source.SOPInstanceUID, derivation, settings.uid_root),
         derivation=derivation,
         settings=settings,
         created=created or synthetic.created_at(),
@@ -89,32 +89,37 @@ def derived(source, tmp_path_factory) -> pydicom.FileDataset:
 
 def test_derived_uids_are_deterministic():
     assert derived_series_uid("1.2.3", DERIVATION, "2.25.") == derived_series_uid("1.2.3", DERIVATION, "2.25.")
-    assert derived_sop_uid("1.2.3.4", DERIVATION, "2.25.") == derived_sop_uid("1.2.3.4", DERIVATION, "2.25.")
+    assert derived_sop_uid("1.9", "1.2.3.4", DERIVATION, "2.25.") == derived_sop_uid("1.9", "1.2.3.4", DERIVATION, "2.25.")
 
 
 @pytest.mark.parametrize("change", [{"model_version": "1.2.1"}, {"fingerprint": "fedcba9876543210"}, {"model_name": "other"}])
 def test_derived_uids_change_with_model_version_or_settings(change):
     other = dataclasses.replace(DERIVATION, **change)
     assert derived_series_uid("1.2.3", other, "2.25.") != derived_series_uid("1.2.3", DERIVATION, "2.25.")
-    assert derived_sop_uid("1.2.3.4", other, "2.25.") != derived_sop_uid("1.2.3.4", DERIVATION, "2.25.")
+    assert derived_sop_uid("1.9", "1.2.3.4", other, "2.25.") != derived_sop_uid("1.9", "1.2.3.4", DERIVATION, "2.25.")
+
+
+def test_one_sop_instance_uid_in_two_series_derives_two_instance_uids():
+    assert derived_sop_uid("1.9", "1.2.3.4", DERIVATION, "2.25.") != derived_sop_uid("1.8", "1.2.3.4", DERIVATION, "2.25.")
+    assert derived_sop_uid("1.9", "1.2.3.4", DERIVATION, "1.2.826.0.1.") != derived_sop_uid("1.8", "1.2.3.4", DERIVATION, "1.2.826.0.1.")
 
 
 def test_derived_uids_differ_per_source_and_between_series_and_instance():
-    uids = {derived_sop_uid(f"1.2.3.{i}", DERIVATION, "2.25.") for i in range(200)}
+    uids = {derived_sop_uid("1.9", f"1.2.3.{i}", DERIVATION, "2.25.") for i in range(200)}
     assert len(uids) == 200
-    assert derived_series_uid("1.2.3", DERIVATION, "2.25.") != derived_sop_uid("1.2.3", DERIVATION, "2.25.")
-    assert derived_sop_uid("1.2.3.4", DERIVATION, "2.25.") != "1.2.3.4"
+    assert derived_series_uid("1.2.3", DERIVATION, "2.25.") != derived_sop_uid("1.9", "1.2.3", DERIVATION, "2.25.")
+    assert derived_sop_uid("1.9", "1.2.3.4", DERIVATION, "2.25.") != "1.2.3.4"
 
 
 def test_uuid_root_uids_hold_a_128_bit_uuid_integer():
-    uid = derived_sop_uid("1.2.840.113619.2.55.3.1", DERIVATION, "2.25.")
+    uid = derived_sop_uid("1.9", "1.2.840.113619.2.55.3.1", DERIVATION, "2.25.")
     assert valid_uid(uid)
     assert uid.startswith("2.25.") and int(uid[5:]) < 2**128
 
 
 @pytest.mark.parametrize("root", ["1.2.826.0.1.3680043.10.999.", "1.2.3.", "2.25."])
 def test_derived_uids_are_valid_and_under_the_configured_root(root):
-    for uid in (derived_series_uid("1.2.3", DERIVATION, root), derived_sop_uid("9.8.7", DERIVATION, root)):
+    for uid in (derived_series_uid("1.2.3", DERIVATION, root), derived_sop_uid("1.9", "9.8.7", DERIVATION, root)):
         assert uid.startswith(root)
         assert valid_uid(uid), uid
 
@@ -160,7 +165,7 @@ def test_derived_has_new_uids_and_meta_instance_uid_matches(source, derived):
     assert derived.SOPInstanceUID != source.SOPInstanceUID
     assert derived.SeriesInstanceUID != source.SeriesInstanceUID
     assert derived.file_meta.MediaStorageSOPInstanceUID == derived.SOPInstanceUID
-    assert derived.SOPInstanceUID == derived_sop_uid(source.SOPInstanceUID, DERIVATION, "2.25.")
+    assert derived.SOPInstanceUID == derived_sop_uid(source.SeriesInstanceUID, source.SOPInstanceUID, DERIVATION, "2.25.")
     assert derived.SeriesInstanceUID == derived_series_uid(source.SeriesInstanceUID, DERIVATION, "2.25.")
 
 

@@ -97,7 +97,7 @@ def expected_uids(node: peers.Node, sources: list[Path]) -> tuple[str, set[str]]
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
     derivation = derivation_for(engine, cfg.derive)
     series_uid = output_series_uid(headers[0].SeriesInstanceUID, engine, cfg.derive)
-    return series_uid, {derived_sop_uid(h.SOPInstanceUID, derivation, cfg.derive.uid_root) for h in headers}
+    return series_uid, {derived_sop_uid(h.SeriesInstanceUID, h.SOPInstanceUID, derivation, cfg.derive.uid_root) for h in headers}
 
 
 def received_uids(files: list[Path]) -> list[tuple[str, str]]:
