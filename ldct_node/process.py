@@ -240,6 +240,9 @@ def denoise_series(
     set aside and reported in SeriesResult.skipped, with their reasons; the others are derived.
     progress, when given, gets (slices done, slices in the series) after each chunk."""
     scan = scan_files(sources)
+    if not scan.series and scan.skipped:
+        # Every file was set aside: nothing to derive, and the reasons are the result.
+        return SeriesResult("", "", [], 0, 0.0, skipped=scan.skipped)
     if len(scan.series) != 1:
         found = ", ".join(scan.series) or "none"
         raise ValueError(f"expected the files of exactly one CT series, found series: {found}")

@@ -180,8 +180,10 @@ class Worker(threading.Thread):
             bound.warning("instance set aside", sop_uid=sop_uid, reason=reason)
         shown = {"set_aside": [f"{uid}: {reason}" for uid, reason in set_aside]} if set_aside else {}
         if not result.files:
-            return self._finish(job, DONE, f"nothing to denoise ({len(result.skipped)} instances set aside)",
-                                bound.bind(**shown), set_aside)
+            # Every instance set aside means the sender was answered success for a series that will
+            # never reach PACS: failed, so the operator sees it, not done.
+            return self._finish(job, FAILED if set_aside else DONE,
+                                f"nothing to denoise ({len(result.skipped)} instances set aside)", bound.bind(**shown), set_aside)
         # Processors other than EngineProcessor (tests' fakes) may not measure fidelity.
         fidelity, failure = getattr(result, "fidelity", None), getattr(result, "fidelity_failure", None)
         measures = fidelity.as_fields() if fidelity is not None else {}

@@ -588,7 +588,10 @@ def corrupt_jpeg_ls(ds, folder: Path) -> bytes:
 ])
 def test_one_unusable_slice_is_set_aside_and_the_rest_of_its_series_is_delivered(
         nodes, pacs, tiny_weights, tmp_path, capsys, count, bad_index, spoil, reason):
-    node = nodes(config(tmp_path, tiny_weights, [pacs.destination]))
+    cfg = config(tmp_path, tiny_weights, [pacs.destination])
+    # The bad slice is spooled before the good ones are sent: a quiet period longer than a loaded
+    # machine takes to open the association keeps them one series run.
+    node = nodes(dataclasses.replace(cfg, queue=dataclasses.replace(cfg.queue, quiet_period_s=2.0)))
     series = ct_series(count, rows=16, columns=16)
     uid, bad = series[0].SeriesInstanceUID, series[bad_index]
     good = [ds for ds in series if ds is not bad]
@@ -608,3 +611,13 @@ def test_one_unusable_slice_is_set_aside_and_the_rest_of_its_series_is_delivered
     node.stop()
     assert cli.main(["queue", "list", "--config", str(write_config(tmp_path))]) == 0
     assert f"set aside 1: {bad.SOPInstanceUID}: {reason}" in capsys.readouterr().out
+
+
+def test_a_series_whose_every_slice_is_set_aside_fails_with_the_reason(nodes, pacs, tiny_weights, tmp_path):
+    node = nodes(config(tmp_path, tiny_weights, [pacs.destination]))
+    (bad,) = ct_series(1, rows=16, columns=16)
+    uid = bad.SeriesInstanceUID
+    spooled = node.spool.write_instance(uid, bad.SOPInstanceUID, slope_zero(bad, tmp_path))
+    node.queue.add_instance(uid, bad.SOPInstanceUID, spooled.path)
+    row = wait_state(node.queue, uid, FAILED)
+    assert row.reason == "nothing to denoise (1 instances set aside)" and pacs.stored == []
