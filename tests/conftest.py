@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from ldct_node.config import ReceiveSettings
 from ldct_node.model import TSCNet, TSCNetConfig
+from ldct_node.observe import Metrics
+from ldct_node.queue import Queue
+from ldct_node.receive import Receiver
+from ldct_node.spool import Spool
 from ldct_node.weights import ModelCard, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,3 +33,22 @@ def tiny_weights(tmp_path_factory) -> Path:
     settings = TSCNetConfig(width=4, num_dems=2)
     card = ModelCard(name="test", version="0", architecture="tscnet", settings=settings.to_dict())
     return save_weights(TSCNet(settings), card, path)
+
+
+@pytest.fixture
+def receivers(tmp_path):
+    """Start receivers on free loopback ports over a spool and queue in tmp_path: receive settings per
+    call, min_free_bytes going to the spool (which is where the receiver checks it); all stopped after."""
+    made = []
+
+    def start(**settings) -> Receiver:
+        spool = Spool(tmp_path / "spool", settings.pop("min_free_bytes", 0))
+        receiver = Receiver(ReceiveSettings(port=0, **settings), spool, Queue(tmp_path / "queue.sqlite3"), metrics=Metrics())
+        receiver.start()
+        made.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in made:
+        receiver.stop()
+        receiver.queue.close()

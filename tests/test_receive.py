@@ -18,38 +18,22 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 from structlog.testing import capture_logs
 
-from ldct_node.config import AllowedPeer, ReceiveSettings
+from ldct_node.config import AllowedPeer
 from ldct_node.derive import MANUFACTURER
-from ldct_node.observe import Metrics
-from ldct_node.queue import Queue
 from ldct_node.receive import (
     BAD_UIDS, CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, Receiver, Refused,
     check_codestream, check_pixels, inspect, is_allowed,
 )
 from ldct_node.series import classify
-from ldct_node.spool import Spool
 from tests.synthetic import (
     broken_jpeg_ls, compress_jpeg_ls_lossless, ct_dataset, localizer_dataset, save, without_pixels,
 )
 
 
 @pytest.fixture
-def node(tmp_path):
+def node(receivers):
     """A receiver on a free loopback port over a spool and queue in tmp_path; settings changeable per test."""
-    made = []
-
-    def start(**settings) -> Receiver:
-        spool = Spool(tmp_path / "spool", settings.pop("min_free_bytes", 0))
-        queue = Queue(tmp_path / "queue.sqlite3")
-        receiver = Receiver(ReceiveSettings(port=0, **settings), spool, queue, metrics=Metrics())
-        receiver.start()
-        made.append(receiver)
-        return receiver
-
-    yield start
-    for receiver in made:
-        receiver.stop()
-        receiver.queue.close()
+    return receivers
 
 
 def associate(receiver: Receiver, calling: str = "SCANNER", syntaxes=(ExplicitVRLittleEndian,)):

@@ -13,17 +13,13 @@ import time
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 from structlog.testing import capture_logs
 
-from ldct_node.config import ReceiveSettings
-from ldct_node.observe import Metrics
-from ldct_node.queue import Queue
 from ldct_node.receive import ASSOCIATE_RQ_MAX, PduGuard, Receiver, pdv_fragments
-from ldct_node.spool import Spool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,20 +28,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def node(tmp_path):
-    made = []
-
-    def start(**settings) -> Receiver:
-        receiver = Receiver(ReceiveSettings(port=0, **settings), Spool(tmp_path / "spool", 0),
-                            Queue(tmp_path / "queue.sqlite3"), metrics=Metrics())
-        receiver.start()
-        made.append(receiver)
-        return receiver
-
-    yield start
-    for receiver in made:
-        receiver.stop()
-        receiver.queue.close()
+def node(receivers):
+    return receivers
 
 
 def refusals(receiver: Receiver, reason: str) -> float:

@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 
 from ldct_node.config import ConfigError, Destination, DestinationTls, ReceiveSettings, ReceiveTls, load_config
-from ldct_node.observe import Metrics
-from ldct_node.queue import Queue
 from ldct_node.receive import Receiver
 from ldct_node.send import SendError, send_series
-from ldct_node.spool import Spool
 from ldct_node.tls import client_context, server_context
 from tests.peers import STORESCP, STORESCU, PeerUnavailable, require, running_storescp, storescu
 from tests.synthetic import ct_series, write_series
@@ -71,22 +68,13 @@ def series(tmp_path) -> list[Path]:
 
 
 @pytest.fixture
-def tls_receiver(tmp_path, pki):
-    made = []
-
+def tls_receiver(receivers, pki):
     def start(require_client_cert: bool) -> Receiver:
         tls = ReceiveTls(certificate=pki["server"][1], private_key=pki["server"][0],
                          ca_file=pki["ca"][1] if require_client_cert else None)
-        settings = ReceiveSettings(port=0, tls=tls, min_free_bytes=0, acse_timeout_s=5.0)
-        receiver = Receiver(settings, Spool(tmp_path / "spool"), Queue(tmp_path / "queue.sqlite3"), metrics=Metrics())
-        receiver.start()
-        made.append(receiver)
-        return receiver
+        return receivers(tls=tls, acse_timeout_s=5.0)
 
-    yield start
-    for receiver in made:
-        receiver.stop()
-        receiver.queue.close()
+    return start
 
 
 def refused(receiver: Receiver) -> float:
