@@ -374,35 +374,33 @@ def test_a_failing_series_fails_with_a_one_line_reason_and_the_worker_goes_on(tm
     queue.close()
 
 
-def test_retention_keeps_files_for_keep_days_then_removes_them(tmp_path):
+def denoised_series(tmp_path, sops: tuple[str, ...], destinations: list[str]) -> tuple[Spool, Queue, Path]:
+    """Series 1.1 spooled with these instances and denoised into outbox/1.1.9 for these destinations."""
     spool = Spool(tmp_path / "spool")
     queue = Queue(tmp_path / "q.sqlite3")
-    spooled = spool.write_instance("1.1", "1.1.1", b"x")
-    queue.add_instance("1.1", "1.1.1", spooled.path, now=0)
-    queue.promote_quiet(0, now=1)
-    queue.claim_next(now=1)
-    out = tmp_path / "outbox" / "1.1.9"
-    out.mkdir(parents=True)
-    (out / "a.dcm").write_bytes(b"")
-    queue.denoised("1.1", "1.1.9", out, 1, 0, 0.1, ["pacs"], now=1)
-    queue.delivered("1.1", "pacs", 1, now=100)
-    assert remove_delivered(queue, spool, keep_days=1, now=100 + 86399) == []
-    assert remove_delivered(queue, spool, keep_days=1, now=100 + 86400) == ["1.1"]
-    assert not spooled.path.exists() and not out.exists()
-    queue.close()
-
-
-def test_retention_line_names_the_removed_spool_and_the_kept_outbox(tmp_path):
-    spool = Spool(tmp_path / "spool")
-    queue = Queue(tmp_path / "q.sqlite3")
-    for sop in ("1.1.1", "1.1.2"):
+    for sop in sops:
         queue.add_instance("1.1", sop, spool.write_instance("1.1", sop, b"x").path, now=0)
     queue.promote_quiet(0, now=1)
     queue.claim_next(now=1)
     out = tmp_path / "outbox" / "1.1.9"
     out.mkdir(parents=True)
     (out / "a.dcm").write_bytes(b"")
-    queue.denoised("1.1", "1.1.9", out, 1, 0, 0.1, [], now=1)
+    queue.denoised("1.1", "1.1.9", out, 1, 0, 0.1, destinations, now=1)
+    return spool, queue, out
+
+
+def test_retention_keeps_files_for_keep_days_then_removes_them(tmp_path):
+    spool, queue, out = denoised_series(tmp_path, ("1.1.1",), ["pacs"])
+    spooled = spool.path_for("1.1", "1.1.1")
+    queue.delivered("1.1", "pacs", 1, now=100)
+    assert remove_delivered(queue, spool, keep_days=1, now=100 + 86399) == []
+    assert remove_delivered(queue, spool, keep_days=1, now=100 + 86400) == ["1.1"]
+    assert not spooled.exists() and not out.exists()
+    queue.close()
+
+
+def test_retention_line_names_the_removed_spool_and_the_kept_outbox(tmp_path):
+    spool, queue, out = denoised_series(tmp_path, ("1.1.1", "1.1.2"), [])
     with capture_logs() as logs:
         remove_delivered(queue, spool, keep_days=0, now=2)
     (line,) = [e for e in logs if e["event"] == "series files removed (retention)"]
@@ -413,15 +411,7 @@ def test_retention_line_names_the_removed_spool_and_the_kept_outbox(tmp_path):
 
 
 def test_retention_line_names_the_removed_outbox_of_a_delivered_series(tmp_path):
-    spool = Spool(tmp_path / "spool")
-    queue = Queue(tmp_path / "q.sqlite3")
-    queue.add_instance("1.1", "1.1.1", spool.write_instance("1.1", "1.1.1", b"x").path, now=0)
-    queue.promote_quiet(0, now=1)
-    queue.claim_next(now=1)
-    out = tmp_path / "outbox" / "1.1.9"
-    out.mkdir(parents=True)
-    (out / "a.dcm").write_bytes(b"")
-    queue.denoised("1.1", "1.1.9", out, 1, 0, 0.1, ["pacs"], now=1)
+    spool, queue, out = denoised_series(tmp_path, ("1.1.1",), ["pacs"])
     queue.delivered("1.1", "pacs", 1, now=1)
     with capture_logs() as logs:
         remove_delivered(queue, spool, keep_days=0, now=2)
