@@ -33,7 +33,7 @@ from ldct_node.cli import CommandError  # noqa: E402
 from ldct_node.config import InferenceSettings  # noqa: E402
 from ldct_node.denoise import DenoiseEngine  # noqa: E402
 
-from .bank import VALIDATION_KERNEL, is_bank, load_bank, noise_for  # noqa: E402
+from .bank import VALIDATION_KERNEL, BankSlice, is_bank, load_bank, noise_for  # noqa: E402
 from .baselines import BASELINES, BaselineSettings, bm3d_available, denoise_volume  # noqa: E402
 from .trainer import parse_float_list  # noqa: E402
 from .data import SPLITS, PairSpec, Volume, load_pair, load_pairs, split_pairs  # noqa: E402
@@ -203,12 +203,9 @@ def load_held_out(pairs_path: Path, split: str, val_fraction: float, test_fracti
     return HeldOut([(spec, *load_pair(spec, cache)) for spec in chosen])
 
 
-def held_out_from_bank(folder: Path, split: str, dose: float, seed: int) -> HeldOut:
+def held_out_from_bank(folder: Path, slices: list[BankSlice], split: str, dose: float, seed: int) -> HeldOut:
     """The bank's slices of one split with one seeded low-dose draw each at ``dose`` (the
     validation kernel), each slice a pair of its own."""
-    slices = load_bank(folder, split)
-    if not slices:
-        raise CommandError(f"noise bank {folder} has no '{split}' slices: choose another --split")
     pairs = []
     for i, item in enumerate(slices):
         window = (slice(0, item.hu.shape[0]), slice(0, item.hu.shape[1]))
@@ -464,7 +461,7 @@ def dose_folder(report: Path, dose: float, several: bool) -> Path:
     return report / f"dose-{dose * 100:g}" if several else report
 
 
-def summary_markdown(reports: dict[float, Report]) -> str:
+def summary_markdown(reports: dict[float, Report], pooled: dict[str, dict]) -> str:
     """The results tables of several doses on one page, each with its p-values against the reference."""
     lines = ["# Evaluation summary over simulated doses", ""]
     for dose, report in reports.items():
@@ -473,7 +470,6 @@ def summary_markdown(reports: dict[float, Report]) -> str:
         head = report.header() + [f"p (PSNR soft) vs {report.reference}"]
         lines += [f"## {dose * 100:g} % dose ({report.held_out.slices} slices; details in dose-{dose * 100:g}/report.md)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    pooled = pooled_comparison(reports)
     reference = next(iter(reports.values())).reference
     cases = len(next(iter(pooled.values()))["difference"]) if pooled else 0
     lines += [f"## All doses pooled: each method against {reference} ({cases} slice × dose cases)", "",
@@ -511,7 +507,10 @@ def held_out_sets(args: argparse.Namespace) -> dict[float | None, HeldOut]:
         return {None: load_held_out(args.data, args.split, args.val_fraction, args.test_fraction, args.split_seed)}
     if not args.dose or not all(0 < d < 1 for d in args.dose):
         raise CommandError("a noise bank needs --dose, fractions in (0, 1) such as 0.25 or 0.1,0.25,0.5")
-    return {dose: held_out_from_bank(args.data, args.split, dose, args.split_seed) for dose in args.dose}
+    slices = load_bank(args.data, args.split)  # read once, whatever the number of doses
+    if not slices:
+        raise CommandError(f"noise bank {args.data} has no '{args.split}' slices: choose another --split")
+    return {dose: held_out_from_bank(args.data, slices, args.split, dose, args.split_seed) for dose in args.dose}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -542,9 +541,10 @@ def run(args: argparse.Namespace) -> int:
         reports[dose] = report
     if several:
         summary = args.report / "summary.md"
-        summary.write_text(summary_markdown(reports))
+        pooled = pooled_comparison(reports)
+        summary.write_text(summary_markdown(reports, pooled))
         (args.report / "summary.json").write_text(json.dumps(
             {"doses": {f"{dose:g}": report.json() for dose, report in reports.items()},
-             "pooled_psnr_soft": pooled_comparison(reports)}, indent=1) + "\n")
+             "pooled_psnr_soft": pooled}, indent=1) + "\n")
         print(f"summary written: {summary}")
     return 0
