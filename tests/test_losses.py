@@ -21,6 +21,8 @@ from ldct_train.losses import (
     knowledge_transfer_loss,
     msssim_geometry,
     msssim_loss,
+    noise_weights,
+    pixel_loss,
     total_loss,
 )
 from ldct_train.vgg import CHANNELS, LAYERS, VGG16Features, convert_hed, keras_to_torch_kernel, load_vgg
@@ -114,6 +116,41 @@ def test_zero_weight_switches_a_term_off():
     nd, ld = smooth_pair(16)
     _, parts = total_loss(LossWeights(msssim=0.0), LossInputs(rec=ld, nd=nd))
     assert "msssim" not in parts and parts["total"] == pytest.approx(parts["pixel"])
+
+
+def test_noise_weights_favour_the_lightly_noisy_sample_and_average_one():
+    nd, _ = smooth_pair(16)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(nd.shape, generator=gen)
+    ld = nd + noise * torch.tensor([0.01, 0.04]).view(2, 1, 1, 1)  # the second carries 16x the noise power
+    weights = noise_weights(ld, nd, floor=0.0)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert (weights[0] / weights[1]).item() == pytest.approx(16.0, rel=0.2)
+
+
+def test_noise_weights_give_a_clean_sample_the_weight_of_the_floor():
+    nd, ld = smooth_pair(16)
+    clean = torch.cat([nd[:1], nd[1:]])
+    weights = noise_weights(torch.cat([ld[:1], nd[1:]]), clean, floor=1e-4)
+    expected = (1 / 1e-4) / (1 / ((ld[0] - nd[0]).pow(2).mean().item() + 1e-4))
+    assert (weights[1] / weights[0]).item() == pytest.approx(expected, rel=1e-4)
+    assert torch.isfinite(noise_weights(nd, nd, floor=1e-4)).all()
+
+
+def test_noise_weighted_pixel_loss_is_the_weighted_mean_of_per_sample_losses():
+    nd, ld = smooth_pair(16)
+    per_sample = [pixel_loss(ld[i : i + 1], nd[i : i + 1], 0.01).item() for i in range(2)]
+    weights = torch.tensor([0.5, 1.5])
+    assert pixel_loss(ld, nd, 0.01, weights).item() == pytest.approx((0.5 * per_sample[0] + 1.5 * per_sample[1]) / 2, rel=1e-5)
+    assert pixel_loss(ld, nd, 0.01).item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+
+
+def test_noise_weighting_needs_the_low_dose_input():
+    nd, ld = smooth_pair(16)
+    with pytest.raises(ValueError, match="low-dose"):
+        total_loss(LossWeights(noise_floor=1e-5), LossInputs(rec=ld, nd=nd))
+    _, parts = total_loss(LossWeights(noise_floor=1e-5), LossInputs(rec=ld, nd=nd, ld=ld))
+    assert parts["pixel"] > 0
 
 
 # ---------------------------------------------------------------- VGG-16 weights

@@ -18,9 +18,12 @@ from ldct_node.weights import ModelCard, load_weights, save_weights
 from ldct_train import trainer
 from ldct_train.trainer import (
     SCHEDULES,
+    VARIANTS,
     Schedule,
+    active_loss_weights,
     add_arguments,
     check_teacher_fits,
+    loss_weights_from,
     lr_at,
     resolve_architecture,
     resolve_schedule,
@@ -219,6 +222,28 @@ def test_resume_of_a_different_run_is_refused(pairs, tmp_path):
     common = ("--width", "4", "--num-dems", "2", "--data", pairs, "--out", out, "--patch-size", "16", "--patches-per-epoch", "2", "--epochs", 1)
     assert train("student", "--variant", "B", *common) == 0
     assert train("student", "--variant", "A", *common, "--resume") == 2
+
+
+def test_init_starts_from_given_weights_and_refuses_another_architecture(pairs, tmp_path, capsys):
+    common = ("student", "--variant", "B", "--num-dems", "2", "--data", pairs, "--patch-size", "16", "--patches-per-epoch", "2",
+              "--epochs", 1, "--lr", "1e-12")
+    start = write_teacher(tmp_path / "start.safetensors", TSCNetConfig(width=4, num_dems=2))
+    assert train(*common, "--width", "4", "--init", start, "--out", tmp_path / "ft") == 0
+    tuned = load_weights(tmp_path / "ft" / "last.safetensors")
+    original = load_weights(start).model.state_dict()
+    assert all(torch.allclose(original[k], v, atol=1e-6) for k, v in tuned.model.state_dict().items())  # lr ≈ 0: unchanged
+    assert tuned.card.training["initialised_from"]["sha256"] == load_weights(start).card.sha256
+    assert train(*common, "--width", "8", "--init", start, "--out", tmp_path / "wide") == 2
+    assert "--init" in capsys.readouterr().err
+    assert train(*common, "--width", "4", "--init", start, "--resume", "--out", tmp_path / "ft") == 2
+
+
+def test_noise_weighting_is_recorded_on_the_card_only_when_on():
+    assert loss_weights_from(parse("--noise-weighted", "10")).noise_floor == pytest.approx((10 / 4096) ** 2)
+    assert "noise_floor" not in active_loss_weights(loss_weights_from(parse()), VARIANTS["D"])
+    assert "noise_floor" in active_loss_weights(loss_weights_from(parse("--noise-weighted", "10")), VARIANTS["D"])
+    with pytest.raises(CommandError, match="noise-weighted"):
+        loss_weights_from(parse("--noise-weighted", "-1"))
 
 
 def test_knowledge_transfer_variant_without_teacher_says_what_to_pass(pairs, tmp_path, capsys):

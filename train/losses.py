@@ -35,6 +35,9 @@ class LossWeights:
     # (see contrastive_loss); eps only guards the degenerate case LD == ND.
     contrast_floor: float = 0.1
     contrast_eps: float = 1e-7
+    # Noise weighting (0: off): each sample's pixel loss is divided by the noise power its input
+    # carries, floored at this value (network units squared; see noise_weights).
+    noise_floor: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,8 +66,23 @@ def msssim_loss(rec: torch.Tensor, nd: torch.Tensor) -> torch.Tensor:
     return 1.0 - ms_ssim(rec, nd, data_range=DATA_RANGE, win_size=window, weights=list(MSSSIM_SCALE_WEIGHTS))
 
 
-def pixel_loss(rec: torch.Tensor, nd: torch.Tensor, beta: float) -> torch.Tensor:
-    return F.smooth_l1_loss(rec.float(), nd.float(), beta=beta)
+def pixel_loss(rec: torch.Tensor, nd: torch.Tensor, beta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Smooth L1, each sample's mean scaled by its weight when weights (N,) are given."""
+    per_sample = F.smooth_l1_loss(rec.float(), nd.float(), beta=beta, reduction="none").flatten(1).mean(dim=1)
+    return (per_sample if weights is None else per_sample * weights).mean()
+
+
+def noise_weights(ld: torch.Tensor, nd: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per-sample weights ∝ 1 / (mean (ld − nd)² + floor), scaled to mean 1 over the batch.
+
+    Unweighted, a 5 %-dose patch's squared error is ~100× that of a 50 %-dose one, so the network
+    spends its capacity on heavy noise and learns to smooth a scan that is nearly clean. Divided
+    by the noise each input carries, every dose counts by its relative improvement, as the PSNR
+    the report measures does; the floor (about a normal-dose scan's own noise power) gives the
+    clean samples, which carry none, the weight of a normal-dose scan.
+    """
+    weights = 1.0 / (_mean_square(ld, nd) + floor)
+    return weights / weights.mean()
 
 
 def knowledge_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
@@ -114,9 +132,15 @@ def total_loss(weights: LossWeights, inputs: LossInputs, vgg: VGG16Features | No
     """The weighted sum of the terms whose inputs are present, and each term's value for logging.
 
     Which terms are present is the ablation: KT needs teacher features, L_C needs vgg and ld.
+    The pixel term is noise-weighted when ``weights.noise_floor`` is set (it then needs ld).
     """
+    sample_weights = None
+    if weights.noise_floor > 0:
+        if inputs.ld is None:
+            raise ValueError("noise-weighted pixel loss needs the low-dose input")
+        sample_weights = noise_weights(inputs.ld, inputs.nd, weights.noise_floor)
     terms = {
-        "pixel": (weights.pixel, lambda: pixel_loss(inputs.rec, inputs.nd, weights.smooth_l1_beta)),
+        "pixel": (weights.pixel, lambda: pixel_loss(inputs.rec, inputs.nd, weights.smooth_l1_beta, sample_weights)),
         "msssim": (weights.msssim, lambda: msssim_loss(inputs.rec, inputs.nd)),
     }
     if inputs.student_features is not None and inputs.teacher_features is not None:

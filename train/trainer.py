@@ -128,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=f"student ablation variant (default {DEFAULT_VARIANT}): "
                         "A baseline, B +DEM, C +knowledge transfer, D +contrastive regularisation")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.state.pt")
+    parser.add_argument("--init", type=Path, help="start from these weights (same architecture and settings) instead of "
+                        "random ones, e.g. to fine-tune the shipped student on local data")
     schedule = parser.add_argument_group("schedule (defaults: the paper's for the stage)")
     schedule.add_argument("--epochs", type=int, help="teacher 10, student and redcnn 35")
     schedule.add_argument("--batch-size", type=int, help="per process: teacher 4, student and redcnn 2")
@@ -162,6 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loss.add_argument("--smooth-l1-beta", type=float, default=defaults.smooth_l1_beta,
                       help="smooth L1's quadratic-to-linear point in network units (HU / 4096); torch's default 1 "
                       "makes it a squared error far below every other term")
+    loss.add_argument("--noise-weighted", type=float, default=0.0, metavar="HU",
+                      help="divide each sample's pixel loss by the noise power its input carries, floored at this SD in HU "
+                      "(about a normal-dose scan's own noise, e.g. 10), so light noise counts as much as heavy (0: off)")
     loss.add_argument("--w-msssim", type=float, default=defaults.msssim, help="1 − MS-SSIM")
     loss.add_argument("--w-kt", type=float, default=defaults.kt, help="knowledge transfer L1")
     loss.add_argument("--w-contrast", type=float, default=defaults.contrast, help="contrastive regularisation")
@@ -263,8 +268,11 @@ def loss_weights_from(args: argparse.Namespace) -> LossWeights:
         raise CommandError(f"--betas needs {len(LossWeights().betas)} values (conv1_2, conv2_2, conv3_3)")
     if args.smooth_l1_beta <= 0:
         raise CommandError("--smooth-l1-beta must be positive")
+    if args.noise_weighted < 0:
+        raise CommandError("--noise-weighted must be a noise SD in HU (e.g. 10), or 0 to switch it off")
     return LossWeights(pixel=args.w_pixel, smooth_l1_beta=args.smooth_l1_beta, msssim=args.w_msssim, kt=args.w_kt,
-                       contrast=args.w_contrast, contrast_floor=args.contrast_floor, betas=tuple(args.betas))
+                       contrast=args.w_contrast, contrast_floor=args.contrast_floor, betas=tuple(args.betas),
+                       noise_floor=(args.noise_weighted / InputScaling().span) ** 2)
 
 
 # ---------------------------------------------------------------- processes and devices
@@ -392,6 +400,8 @@ def active_loss_weights(loss: LossWeights, variant: Variant) -> dict:
     if not variant.contrast:
         for key in ("contrast", "betas", "contrast_floor", "contrast_eps"):
             del weights[key]
+    if not loss.noise_floor:
+        del weights["noise_floor"]
     return weights
 
 
@@ -408,6 +418,7 @@ class RunFiles:
     pairs: Path
     teacher: Path | None = None
     vgg: Path | None = None
+    init: Path | None = None
     version_tag: str = "0.1.0"
     val_every: int = 1
     card_data: dict = dataclasses.field(default_factory=dict)
@@ -424,6 +435,7 @@ class Trainer:
             # TSC-Net's head starts at zero (identity), which solves NDCT -> NDCT at step 0 with zero
             # gradients; the teacher must start from a correction to cancel so its features learn.
             self.model.head.reset_parameters()
+        self.init_info = self._load_init(files.init) if files.init is not None else None
         self.teacher, self.teacher_info = None, None
         if recipe.variant.knowledge_transfer:
             self.teacher, self.teacher_info = self._load_teacher(files.teacher)
@@ -458,6 +470,16 @@ class Trainer:
         check_teacher_fits(self.recipe.settings, loaded.card.settings)
         loaded.model.requires_grad_(False)
         return loaded.model.eval(), {"path": str(loaded.path), "model": loaded.card.model_id, "sha256": loaded.card.sha256}
+
+    def _load_init(self, path: Path) -> dict:
+        """Copies the weights at ``path`` into the model; they must be of the recipe's architecture."""
+        loaded = load_weights(path, self.device)
+        if (loaded.card.architecture, loaded.card.settings) != (self.recipe.architecture, self.recipe.settings):
+            raise CommandError(f"--init {path} is {loaded.card.architecture} {loaded.card.settings}, not the "
+                               f"{self.recipe.architecture} {self.recipe.settings} this run trains: pass matching --width, "
+                               "--num-dems, --in-slices, --highpass-sigma and --attention-window")
+        self.model.load_state_dict(loaded.model.state_dict())
+        return {"path": str(loaded.path), "model": loaded.card.model_id, "sha256": loaded.card.sha256}
 
     def _datasets(self, data: Path, recipe: Recipe):
         """(training set, validation set or None, data description) from a pairs file or a noise bank."""
@@ -535,7 +557,8 @@ class Trainer:
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_features = self.teacher(normal, return_features=True)[1][feature_index]
-        inputs = LossInputs(rec=rec, nd=nd, ld=ld if self.vgg is not None else None,
+        wants_ld = self.vgg is not None or self.recipe.loss.noise_floor > 0
+        inputs = LossInputs(rec=rec, nd=nd, ld=ld if wants_ld else None,
                             student_features=features[feature_index] if teacher_features is not None else None,
                             teacher_features=teacher_features)
         # Losses in float32: SSIM's variances (E[x²] − E[x]²) cancel catastrophically in half precision.
@@ -641,6 +664,7 @@ class Trainer:
                                       "hu_range": list(HU_FULL), "slices": self.data_description["slices"]["val"],
                                       "epoch": self._best_epoch() if stem == "best" else self.epoch}}
         training = {**self.recipe.to_dict(), "epochs_completed": self.epoch, "teacher": self.teacher_info,
+                    "initialised_from": self.init_info,
                     "hardware": hardware_description(self.device, self.procs), "wall_time_s": round(self.wall_time_s, 1),
                     "trainer": f"ldct-node {__version__}", **(extra_training or {})}
         card = ModelCard(name=CARD_NAMES[self.recipe.stage], version=self.files.version_tag, architecture=self.recipe.architecture,
@@ -730,7 +754,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level if procs.is_main else "warning")
     try:
         recipe = build_recipe(args)
-        files = RunFiles(out=args.out, pairs=args.data, teacher=args.teacher, vgg=args.vgg_weights, version_tag=args.version_tag,
+        if args.init is not None and args.resume:
+            raise CommandError("--init and --resume exclude each other: a resumed run continues from its own state")
+        files = RunFiles(out=args.out, pairs=args.data, teacher=args.teacher, vgg=args.vgg_weights, init=args.init, version_tag=args.version_tag,
                          val_every=args.val_every, card_data=read_card_data(args.card_data))
         if args.stage == "student" and not recipe.variant.knowledge_transfer and args.teacher is not None:
             log.warning("teacher not used", variant=recipe.variant_name, teacher=str(args.teacher))
