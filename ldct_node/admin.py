@@ -23,8 +23,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .cli import CommandError
 from .config import load_config
+from .errors import CommandError
 from .queue import ACTIVE, FAILED, PENDING, STATES, Delivery, Queue, QueueDamaged, QueueError, SeriesRow
 from .spool import Spool
 

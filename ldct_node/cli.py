@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import UserError
+
 # name: (module, help). The module provides add_arguments(parser) and run(args) -> exit status.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "denoise": ("ldct_node.offline", "denoise the CT series in a folder tree into derived series"),
@@ -19,10 +21,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ldct_train.trainer", "two-stage teacher-student training"),
     "evaluate": ("ldct_train.evaluate", "evaluation report on a held-out set"),
 }
-
-
-class CommandError(Exception):
-    """A failure the user can fix; main() prints it as one line and exits 2."""
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -53,32 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - user-facing errors get one line, not a traceback
-        one_line = _user_error(exc)
-        if one_line is None:
-            raise
-        print(f"ldct-node {name}: error: {one_line}", file=sys.stderr)
+    except UserError as exc:  # one line the user can act on; any other exception is a bug and shows its traceback
+        print(f"ldct-node {name}: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _user_error(exc: Exception) -> str | None:
-    """The one-line message of an error a user caused, or None for a bug (traceback shown)."""
-    from .config import ConfigError
-
-    user_errors: tuple[type[Exception], ...] = (CommandError, ConfigError)
-    try:
-        from .weights import WeightsError
-
-        user_errors += (WeightsError,)
-    except ImportError:  # torch missing: the weights module cannot even be imported
-        pass
-    if isinstance(exc, user_errors):
-        return str(exc)
-    return None
-
-
 if __name__ == "__main__":
-    # Run the package's copy of this module: subcommands raise ldct_node.cli.CommandError, not __main__'s.
-    from ldct_node.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import platformdirs
 
+from .errors import UserError
+
 APP_NAME = "ldct-node"
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -29,7 +31,7 @@ MAX_NEIGHBOUR_TOLERANCE = 0.5
 MAX_RECEIVE_PDU = 64 * 1_048_576
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with a message fit to print as one line."""
 
 

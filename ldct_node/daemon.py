@@ -32,10 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-from .cli import CommandError
 from .config import Config, load_config
 from .denoise import DenoiseEngine
 from .durable import DATA_FILE_MODE, private_dir
+from .errors import CommandError
 from .logs import configure_logging, get_logger
 from .observe import DeliveryBacklog, Health, HttpServer, Metrics
 from .queue import open_queue

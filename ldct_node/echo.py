@@ -11,8 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .cli import CommandError
 from .config import load_config
+from .errors import CommandError
 from .send import echo
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .cli import CommandError
 from .config import load_config, validate
 from .denoise import DenoiseEngine
+from .errors import CommandError
 from .logs import one_line
 from .fidelity import FidelitySummary
 from .process import SeriesResult, denoise_instances, output_series_uid

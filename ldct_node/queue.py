@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .durable import DATA_FILE_MODE, private_dir, private_file, restrict
+from .errors import UserError
 from .logs import get_logger
 from .spool import SpooledInstance
 
@@ -114,7 +115,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """.format(instances=_INSTANCES_TABLE)
 
 
-class QueueError(ValueError):
+class QueueError(UserError, ValueError):
     """A request the queue cannot honour (unknown series, wrong state), as one line."""
 
 

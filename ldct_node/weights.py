@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .durable import atomic_write_bytes
+from .errors import UserError
 from .model import build_model
 
 CARD_FORMAT = "ldct-node-weights/1"
 SHIPPED_STEM = "tscnet-student-v2"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A weights problem, with a one-line message that says what to do."""
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldct_node.cli import CommandError, main
+from ldct_node.cli import main
+from ldct_node.errors import CommandError
 from ldct_node.weights import InputScaling, load_weights
 from ldct_train.bank import (
     REPORT_DOSES,

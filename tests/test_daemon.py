@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from structlog.testing import capture_logs
 
-from ldct_node import cli, derive
+from ldct_node import cli, derive, errors
 from ldct_node.config import (
     Config, Destination, FidelitySettings, HttpSettings, InferenceSettings, ModelSettings, QueueSettings, ReceiveSettings, SendSettings,
     StorageSettings,
@@ -549,7 +549,7 @@ def test_a_taken_port_is_a_one_line_error_naming_the_setting(tmp_path, tiny_weig
         cfg = config(tmp_path, tiny_weights)
         cfg = dataclasses.replace(cfg, receive=dataclasses.replace(cfg.receive, port=taken.getsockname()[1]))
         node = Node(cfg)
-        with pytest.raises(cli.CommandError, match="receive.port"):
+        with pytest.raises(errors.CommandError, match="receive.port"):
             node.start()
         node.stop()
 

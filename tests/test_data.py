@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ldct_node.cli import CommandError
+from ldct_node.errors import CommandError
 from ldct_node.weights import InputScaling
 from ldct_train import data
 from ldct_train.data import (

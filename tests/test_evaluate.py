@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ldct_node.cli import CommandError, main
+from ldct_node.cli import main
+from ldct_node.errors import CommandError
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.weights import ModelCard, save_weights
 from ldct_train.baselines import BaselineSettings, noise_sigma, nlm_denoise, tv_denoise

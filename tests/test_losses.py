@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldct_node.cli import CommandError
+from ldct_node.errors import CommandError
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_train import vgg as vgg_module
 from ldct_train.losses import (

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldct_node.cli import CommandError, main
+from ldct_node.cli import main
+from ldct_node.errors import CommandError
 from ldct_train.data import load_pair, load_pairs
 from ldct_train.simulate import (
     ParallelBeamProjector,

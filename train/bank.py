@@ -31,9 +31,9 @@ import pydicom
 import torch
 from torch.utils.data import Dataset
 
-from ldct_node.cli import CommandError
 from ldct_node.denoise import resolve_device
 from ldct_node.durable import atomic_write, atomic_write_bytes
+from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
 from ldct_node.model import DOWNSAMPLE
 from ldct_node.series import is_axial

@@ -24,8 +24,8 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
-from ldct_node.cli import CommandError
 from ldct_node.denoise import neighbour_indices
+from ldct_node.errors import CommandError
 from ldct_node.model import DOWNSAMPLE
 from ldct_node.pixels import rescale, stored_to_hu, stored_values
 from ldct_node.series import scan_tree, stacks

@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ldct_node.cli import CommandError  # noqa: E402
 from ldct_node.config import InferenceSettings  # noqa: E402
 from ldct_node.denoise import DenoiseEngine  # noqa: E402
+from ldct_node.errors import CommandError  # noqa: E402
 
 from .bank import VALIDATION_KERNEL, BankSlice, is_bank, load_bank, noise_for  # noqa: E402
 from .baselines import BASELINES, BaselineSettings, bm3d_available, denoise_volume  # noqa: E402

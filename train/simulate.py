@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from pydicom.uid import ExplicitVRLittleEndian
 
-from ldct_node.cli import CommandError
 from ldct_node.config import InferenceSettings
 from ldct_node.denoise import resolve_device
 from ldct_node.derive import write_dataset
+from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
 from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
 from ldct_node.series import Instance, scan_tree, stacks

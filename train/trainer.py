@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ldct_node import __version__
-from ldct_node.cli import CommandError
+from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger
 from ldct_node.denoise import resolve_device
 from ldct_node.model import REDCNNConfig, TSCNetConfig, build_model

@@ -35,8 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldct_node.cli import CommandError
 from ldct_node.config import APP_NAME
+from ldct_node.errors import CommandError
 from ldct_node.weights import sha256_of, shipped_weights_dirs
 
 VGG_FILENAME = "vgg16-hed-conv1-3.safetensors"
