@@ -17,20 +17,21 @@ from ldct_node.errors import CommandError
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.weights import ModelCard, load_weights, save_weights
 from ldct_train import trainer
-from ldct_train.trainer import (
+from ldct_train.losses import LossWeights
+from ldct_train.recipe import (
     SCHEDULES,
     VARIANTS,
     Schedule,
     active_loss_weights,
-    add_arguments,
+    build_recipe,
     check_teacher_fits,
     loss_weights_from,
     lr_at,
     resolve_architecture,
     resolve_schedule,
     resolve_variant,
-    write_metrics_csv,
 )
+from ldct_train.trainer import add_arguments, write_metrics_csv
 
 SIZE = 24
 SLICES = 4
@@ -136,9 +137,9 @@ def test_student_architecture_follows_the_teacher_unless_overridden():
 
 def test_card_lists_only_the_loss_terms_a_variant_uses():
     variant_b = resolve_variant("student", "B")[1]
-    assert set(trainer.active_loss_weights(trainer.LossWeights(), variant_b)) == {"pixel", "smooth_l1_beta", "msssim"}
+    assert set(active_loss_weights(LossWeights(), variant_b)) == {"pixel", "smooth_l1_beta", "msssim"}
     variant_d = resolve_variant("student", "D")[1]
-    assert trainer.active_loss_weights(trainer.LossWeights(), variant_d)["betas"] == (0.25, 0.5, 1.0)
+    assert active_loss_weights(LossWeights(), variant_d)["betas"] == (0.25, 0.5, 1.0)
 
 
 def test_teacher_must_match_the_student_for_knowledge_transfer():
@@ -162,7 +163,7 @@ def test_teacher_must_match_the_student_for_knowledge_transfer():
 ])
 def test_impossible_counts_are_refused_before_any_data_is_read(argv, message):
     with pytest.raises(CommandError, match=message):
-        trainer.build_recipe(parse(*argv))
+        build_recipe(parse(*argv))
 
 
 def test_metrics_csv_has_one_row_per_epoch_with_all_columns(tmp_path):

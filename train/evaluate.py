@@ -35,9 +35,9 @@ from ldct_node.errors import CommandError  # noqa: E402
 
 from .bank import VALIDATION_KERNEL, BankSlice, is_bank, load_bank, noise_for  # noqa: E402
 from .baselines import BASELINES, BaselineSettings, bm3d_available, denoise_volume  # noqa: E402
-from .trainer import parse_float_list  # noqa: E402
 from .data import SPLITS, PairSpec, Volume, load_pair, load_pairs, split_pairs  # noqa: E402
 from .metrics import HU_FULL, HU_SOFT_TISSUE, METRIC_LABELS, psnr, slice_metrics  # noqa: E402
+from .recipe import parse_float_list  # noqa: E402
 
 LOW_DOSE = "Low-dose input"
 CITATION_FILE = "Citations.txt"

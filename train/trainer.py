@@ -13,6 +13,9 @@ OUT receives ``last.safetensors`` (+ card) and ``last.state.pt`` after every epo
 events under ``tensorboard/``. ``--resume`` continues from ``last.state.pt``. With several processes
 only rank 0 writes; for multi-node runs OUT must be on a filesystem every node sees (resume reads it),
 and ``--batch-size`` is per process. Training and validation volumes are held in memory.
+
+What a run is (stage, variant, settings, schedule, losses) is train/recipe.py; the
+processes and devices it runs on, train/distributed.py.
 """
 
 from __future__ import annotations
@@ -20,18 +23,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tensorboardX import SummaryWriter
@@ -41,79 +40,42 @@ from tqdm import tqdm
 from ldct_node import __version__
 from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger
-from ldct_node.denoise import resolve_device
-from ldct_node.model import REDCNNConfig, TSCNetConfig, build_model
-from ldct_node.weights import InputScaling, ModelCard, load_weights, read_card, save_weights
+from ldct_node.model import build_model
+from ldct_node.weights import InputScaling, ModelCard, load_weights, save_weights
 
+from .bank import DOSE_RANGE, BankSlices, describe_bank, is_bank, load_bank
 from .data import PairedSlices, load_pairs, load_scaled_pairs, split_pairs
+from .distributed import (
+    Processes,
+    autocast_dtype,
+    hardware_description,
+    mean_over_processes,
+    replica_digests,
+    start_processes,
+    stop_processes,
+    wait_for_all,
+)
 from .losses import LossInputs, LossWeights, total_loss
 from .metrics import HU_FULL, psnr
-from .bank import DOSE_RANGE, KERNEL_ALPHA_RANGE, KERNEL_CUTOFF_RANGE, REPORT_DOSES, VALIDATION_KERNEL, BankSlices, describe_bank, is_bank, load_bank
+from .recipe import (
+    DEFAULT_VARIANT,
+    STAGES,
+    VARIANTS,
+    DataOptions,
+    Recipe,
+    build_recipe,
+    check_teacher_fits,
+    identity_of,
+    lr_at,
+    parse_float_list,
+    parse_int_list,
+)
 from .vgg import load_vgg
 
 log = get_logger("ldct_train.trainer")
 
-STAGES = ("teacher", "student", "redcnn")
 CARD_NAMES = {"teacher": "tscnet-teacher", "student": "tscnet-student", "redcnn": "redcnn"}
-ARCHITECTURES = {"teacher": "tscnet", "student": "tscnet", "redcnn": "redcnn"}
 STATE_FORMAT = "ldct-train-state/1"
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Optimiser and schedule; the defaults are the paper's (DESIGN §4)."""
-
-    epochs: int
-    batch_size: int
-    milestones: tuple[int, ...]  # epochs after which the learning rate is multiplied by gamma
-    lr: float = 1e-4
-    gamma: float = 0.5
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-
-
-# RED-CNN gets the student's schedule so the baseline sees exactly the same training budget.
-SCHEDULES = {
-    "teacher": Schedule(epochs=10, batch_size=4, milestones=(2, 4)),
-    "student": Schedule(epochs=35, batch_size=2, milestones=(10, 20)),
-    "redcnn": Schedule(epochs=35, batch_size=2, milestones=(10, 20)),
-}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One column of the paper's ablation."""
-
-    use_dem: bool
-    knowledge_transfer: bool
-    contrast: bool
-
-
-VARIANTS = {
-    "A": Variant(use_dem=False, knowledge_transfer=False, contrast=False),  # baseline
-    "B": Variant(use_dem=True, knowledge_transfer=False, contrast=False),  # + DEM
-    "C": Variant(use_dem=True, knowledge_transfer=True, contrast=False),  # + knowledge transfer
-    "D": Variant(use_dem=True, knowledge_transfer=True, contrast=True),  # + contrastive regularisation
-}
-DEFAULT_VARIANT = "D"
-# The teacher and RED-CNN have no ablation: plain reconstruction losses on their own network.
-PLAIN = Variant(use_dem=True, knowledge_transfer=False, contrast=False)
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    patch_size: int | None = None  # None: full slices, the paper's setting
-    patches_per_epoch: int | None = None  # None: as many patches as training slices
-    augment: bool = True
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    workers: int = 2
-    # Seeds only the patient split, apart from --seed, so that changing the training seed never moves
-    # patients between train and test (evaluate assigns splits with the same default).
-    split_seed: int = 0
-    # With a noise bank as --data: the dose fractions each training sample's dose is drawn from.
-    dose_range: tuple[float, float] = DOSE_RANGE
-    # With a noise bank: the share of training samples given no added noise (dose 1).
-    clean_fraction: float = 0.0
 
 
 # ---------------------------------------------------------------- command line
@@ -184,150 +146,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
-def parse_int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def parse_float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-# ---------------------------------------------------------------- recipe rules
-
-
-def resolve_schedule(stage: str, args: argparse.Namespace) -> Schedule:
-    """The stage's paper schedule with the command-line overrides applied and checked."""
-    overrides = {field: getattr(args, name) for field, name in
-                 (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"), ("milestones", "milestones"), ("gamma", "lr_gamma"))
-                 if getattr(args, name, None) is not None}
-    schedule = dataclasses.replace(SCHEDULES[stage], **overrides)
-    if schedule.epochs < 1 or schedule.batch_size < 1:
-        raise CommandError("--epochs and --batch-size must be at least 1")
-    if not schedule.lr > 0 or not schedule.gamma > 0:
-        raise CommandError("--lr and --lr-gamma must be positive")
-    return schedule
-
-
-def lr_at(schedule: Schedule, epoch: int) -> float:
-    """Learning rate of a 0-based epoch: lr × gamma per milestone already passed."""
-    return schedule.lr * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
-
-
-def resolve_variant(stage: str, variant: str | None) -> tuple[str, Variant]:
-    if stage != "student":
-        if variant is not None:
-            raise CommandError(f"--variant applies to the student only, not to {stage}")
-        return "-", PLAIN
-    name = variant or DEFAULT_VARIANT
-    return name, VARIANTS[name]
-
-
-def resolve_architecture(stage: str, variant: Variant, args: argparse.Namespace, teacher_settings: dict | None) -> dict:
-    """Network settings: the teacher's (a student must match it for knowledge transfer) or the
-    model defaults, then the command-line overrides, then the variant's DEM switch."""
-    overrides = {k: v for k, v in (("in_slices", args.in_slices), ("width", args.width), ("num_dems", args.num_dems),
-                                   ("correction_highpass_sigma_px", args.highpass_sigma),
-                                   ("attention_window", args.attention_window)) if v is not None}
-    if stage == "redcnn":
-        for key, flag in (("num_dems", "--num-dems"), ("correction_highpass_sigma_px", "--highpass-sigma"),
-                          ("attention_window", "--attention-window")):
-            if key in overrides:
-                raise CommandError(f"{flag} applies to TSC-Net only, not to redcnn")
-        return dataclasses.replace(REDCNNConfig(), **overrides).to_dict()
-    base = TSCNetConfig.from_dict(teacher_settings) if teacher_settings else TSCNetConfig()
-    return dataclasses.replace(base, **overrides, use_dem=variant.use_dem).to_dict()
-
-
-def check_buildable(architecture: str, settings: dict) -> None:
-    """Build the network once on the CPU so bad settings fail before any data is read."""
-    if any(settings[key] < 1 for key in ("in_slices", "width", "num_dems") if key in settings):
-        raise CommandError("--in-slices, --width and --num-dems must be at least 1")
-    try:
-        build_model(architecture, settings)
-    except ValueError as exc:
-        raise CommandError(f"cannot build {architecture} with {settings}: {exc}") from None
-
-
-def check_teacher_fits(student: dict, teacher: dict) -> None:
-    """Knowledge transfer compares feature maps: same width and input slices, and a DEM to tap."""
-    for key in ("width", "in_slices"):
-        if student[key] != teacher[key]:
-            raise CommandError(f"student {key} {student[key]} differs from the teacher's {teacher[key]}: drop --{key.replace('_', '-')} or train a matching teacher")
-    if student["feature_index"] >= teacher["num_dems"] or student["feature_index"] >= student["num_dems"]:
-        raise CommandError(f"knowledge transfer taps DEM {student['feature_index'] + 1}, which the student or teacher lacks: use --num-dems ≥ {student['feature_index'] + 1}")
-
-
-def loss_weights_from(args: argparse.Namespace) -> LossWeights:
-    if len(args.betas) != len(LossWeights().betas):
-        raise CommandError(f"--betas needs {len(LossWeights().betas)} values (conv1_2, conv2_2, conv3_3)")
-    if args.smooth_l1_beta <= 0:
-        raise CommandError("--smooth-l1-beta must be positive")
-    if args.noise_weighted < 0:
-        raise CommandError("--noise-weighted must be a noise SD in HU (e.g. 10), or 0 to switch it off")
-    return LossWeights(pixel=args.w_pixel, smooth_l1_beta=args.smooth_l1_beta, msssim=args.w_msssim, kt=args.w_kt,
-                       contrast=args.w_contrast, contrast_floor=args.contrast_floor, betas=tuple(args.betas),
-                       noise_floor=(args.noise_weighted / InputScaling().span) ** 2)
-
-
-# ---------------------------------------------------------------- processes and devices
-
-
-@dataclass(frozen=True)
-class Processes:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def start_processes(device_name: str) -> tuple[Processes, torch.device]:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), and pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    procs = Processes(rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", procs.local_rank)  # one GPU per torchrun process
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if procs.distributed:
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return procs, device
-
-
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """Mixed precision on CUDA only: bf16 where supported (no loss scaling needed), else fp16."""
-    if device.type != "cuda" or not enabled:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def hardware_description(device: torch.device, procs: Processes) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": device.type, "name": name, "processes": procs.world_size, "torch": torch.__version__}
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over all parameters and buffers, in name order: equal on every DDP replica."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -361,53 +179,27 @@ def load_split_data(pairs_path: Path, options: DataOptions, scaling: InputScalin
     return loaded, description
 
 
+def load_datasets(data: Path, recipe: Recipe, validating: bool, scaling: InputScaling):
+    """(training set, validation set or None, data description) from a pairs file or a noise bank."""
+    in_slices, options = recipe.settings["in_slices"], recipe.data
+    if is_bank(data):
+        if in_slices != 1:
+            raise CommandError("a noise bank holds single slices: train with --in-slices 1")
+        train = BankSlices(load_bank(data, "train"), scaling, options.patch_size, options.patches_per_epoch,
+                           augment=options.augment, seed=recipe.seed, dose_range=options.dose_range,
+                           clean_fraction=options.clean_fraction)
+        val = BankSlices(load_bank(data, "val"), scaling, seed=recipe.seed) if validating else None
+        described = describe_bank(data)
+        described["slices"] = {"train": len(train.slices), "val": len(val.slices) if val else 0}
+        return train, val, described
+    splits, described = load_split_data(data, options, scaling)
+    train = PairedSlices(splits["train"], in_slices, options.patch_size, options.patches_per_epoch,
+                         augment=options.augment, seed=recipe.seed)
+    val = PairedSlices(splits["val"], in_slices) if splits["val"] and validating else None
+    return train, val, described
+
+
 # ---------------------------------------------------------------- the run
-
-
-@dataclass
-class Recipe:
-    """Everything that defines a run; stored in the resume state and the model card."""
-
-    stage: str
-    variant_name: str
-    variant: Variant
-    architecture: str
-    settings: dict
-    schedule: Schedule
-    loss: LossWeights
-    data: DataOptions
-    seed: int
-    amp: bool
-
-    def to_dict(self) -> dict:
-        return {
-            "stage": self.stage, "variant": self.variant_name, "variant_switches": dataclasses.asdict(self.variant),
-            "architecture": self.architecture, "settings": self.settings, "schedule": dataclasses.asdict(self.schedule),
-            "loss_weights": active_loss_weights(self.loss, self.variant), "data": dataclasses.asdict(self.data), "seed": self.seed, "amp": self.amp,
-            "augmentation": "random rotation by 0/90/180/270 degrees and horizontal flip" if self.data.augment else "none",
-            "noise_bank_draws": {"dose_range": list(self.data.dose_range), "dose_distribution": "log-uniform",
-                                 "clean_fraction": self.data.clean_fraction,
-                                 "kernel_alpha_range": list(KERNEL_ALPHA_RANGE), "kernel_cutoff_range_cycles_per_pixel": list(KERNEL_CUTOFF_RANGE),
-                                 "validation_doses": list(REPORT_DOSES), "validation_kernel": dataclasses.asdict(VALIDATION_KERNEL)},
-        }
-
-
-def active_loss_weights(loss: LossWeights, variant: Variant) -> dict:
-    """The loss weights this variant actually uses, so a card never lists a term that was off."""
-    weights = loss.to_dict()
-    if not variant.knowledge_transfer:
-        del weights["kt"]
-    if not variant.contrast:
-        for key in ("contrast", "betas", "contrast_floor", "contrast_eps"):
-            del weights[key]
-    if not loss.noise_floor:
-        del weights["noise_floor"]
-    return weights
-
-
-def identity_of(recipe_dict: dict) -> dict:
-    """What a resumed run must share with the original (the schedule may be extended)."""
-    return {k: recipe_dict[k] for k in ("stage", "variant", "architecture", "settings")}
 
 
 @dataclass(frozen=True)
@@ -440,7 +232,8 @@ class Trainer:
         if recipe.variant.knowledge_transfer:
             self.teacher, self.teacher_info = self._load_teacher(files.teacher)
         self.vgg = load_vgg(files.vgg, device) if recipe.variant.contrast else None
-        self.train_set, self.val_set, described = self._datasets(files.pairs, recipe)
+        # Data last: a missing teacher, --init or VGG file fails before any volume is read.
+        self.train_set, self.val_set, described = load_datasets(files.pairs, recipe, self.val_every > 0, self.scaling)
         # What the trainer measured wins over what the caller describes.
         self.data_description = {**files.card_data, **described}
         if self.val_every > 0 and self.val_set is None:
@@ -480,26 +273,6 @@ class Trainer:
                                "--num-dems, --in-slices, --highpass-sigma and --attention-window")
         self.model.load_state_dict(loaded.model.state_dict())
         return {"path": str(loaded.path), "model": loaded.card.model_id, "sha256": loaded.card.sha256}
-
-    def _datasets(self, data: Path, recipe: Recipe):
-        """(training set, validation set or None, data description) from a pairs file or a noise bank."""
-        in_slices, options = recipe.settings["in_slices"], recipe.data
-        validating = self.val_every > 0
-        if is_bank(data):
-            if in_slices != 1:
-                raise CommandError("a noise bank holds single slices: train with --in-slices 1")
-            train = BankSlices(load_bank(data, "train"), self.scaling, options.patch_size, options.patches_per_epoch,
-                               augment=options.augment, seed=recipe.seed, dose_range=options.dose_range,
-                               clean_fraction=options.clean_fraction)
-            val = BankSlices(load_bank(data, "val"), self.scaling, seed=recipe.seed) if validating else None
-            described = describe_bank(data)
-            described["slices"] = {"train": len(train.slices), "val": len(val.slices) if val else 0}
-            return train, val, described
-        splits, described = load_split_data(data, options, self.scaling)
-        train = PairedSlices(splits["train"], in_slices, options.patch_size, options.patches_per_epoch,
-                             augment=options.augment, seed=recipe.seed)
-        val = PairedSlices(splits["val"], in_slices) if splits["val"] and validating else None
-        return train, val, described
 
     # -------------------------------------------------------- resume state
 
@@ -589,11 +362,7 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value
             bar.set_postfix(loss=f"{parts['total']:.5f}", lr=f"{lr:.2g}")
         means = {f"train_{k}": v / max(steps, 1) for k, v in sorted(sums.items())}
-        if self.procs.distributed:
-            values = torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)  # nccl: CUDA tensors only
-            torch_dist.all_reduce(values)
-            means = dict(zip(means, (values / self.procs.world_size).tolist()))
-        return {"lr": lr, **means}
+        return {"lr": lr, **mean_over_processes(means, self.procs, self.device)}
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -627,9 +396,8 @@ class Trainer:
             self.history.append(row)
             if self.procs.is_main:
                 self._checkpoint(row, writer)
-            if self.procs.distributed:
-                torch_dist.barrier()
-        replicas = self._replica_digests()
+            wait_for_all(self.procs)
+        replicas = replica_digests(self.model, self.procs)
         if self.procs.is_main:
             self._write_weights("last", {"replica_weights_sha256": replicas})
             writer.close()
@@ -676,17 +444,6 @@ class Trainer:
         scored = [r for r in self.history if "val_psnr_db" in r]
         return max(scored, key=lambda r: r["val_psnr_db"])["epoch"] if scored else None
 
-    def _replica_digests(self) -> list[str]:
-        """Every replica's weight hash, so a run proves its replicas stayed identical."""
-        mine = weights_digest(self.model)
-        if not self.procs.distributed:
-            return [mine]
-        gathered: list[str | None] = [None] * self.procs.world_size
-        torch_dist.all_gather_object(gathered, mine)
-        if len(set(gathered)) != 1:
-            raise RuntimeError(f"DDP replicas diverged: weight hashes {gathered}")
-        return [str(g) for g in gathered]
-
 
 def write_metrics_csv(path: Path, history: list[dict]) -> None:
     """One row per epoch; rewritten whole from the run history, so a resumed run has no gaps or repeats."""
@@ -713,42 +470,6 @@ def read_card_data(path: Path | None) -> dict:
     return extra
 
 
-def check_counts(args: argparse.Namespace) -> None:
-    """Counts and fractions that argparse types alone cannot bound."""
-    rules = [
-        (args.val_every >= 0, "--val-every must be 0 (never) or more"),
-        (args.workers >= 0, "--workers must be 0 or more"),
-        (args.patches_per_epoch is None or args.patches_per_epoch >= 1, "--patches-per-epoch must be at least 1"),
-        (args.patches_per_epoch is None or args.patch_size is not None, "--patches-per-epoch needs --patch-size"),
-        (len(args.dose_range) == 2 and 0 < args.dose_range[0] <= args.dose_range[1] < 1,
-         "--dose-range must be two dose fractions low,high with 0 < low <= high < 1"),
-        (0 <= args.clean_fraction < 1, "--clean-fraction must lie in [0, 1)"),
-        (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1,
-         "--val-fraction and --test-fraction must lie in [0, 1) and sum to less than 1"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise CommandError(message)
-
-
-def build_recipe(args: argparse.Namespace) -> Recipe:
-    check_counts(args)
-    variant_name, variant = resolve_variant(args.stage, args.variant)
-    teacher_settings = None
-    if variant.knowledge_transfer and args.teacher is not None:
-        if not args.teacher.with_suffix(".safetensors").is_file():
-            raise CommandError(f"--teacher {args.teacher} not found: pass the best.safetensors of a `ldct-node train teacher` run")
-        teacher_settings = read_card(args.teacher).settings
-    settings = resolve_architecture(args.stage, variant, args, teacher_settings)
-    check_buildable(ARCHITECTURES[args.stage], settings)
-    data = DataOptions(patch_size=args.patch_size, patches_per_epoch=args.patches_per_epoch, augment=not args.no_augment,
-                       val_fraction=args.val_fraction, test_fraction=args.test_fraction, workers=args.workers,
-                       split_seed=args.split_seed, dose_range=tuple(args.dose_range), clean_fraction=args.clean_fraction)
-    return Recipe(stage=args.stage, variant_name=variant_name, variant=variant, architecture=ARCHITECTURES[args.stage],
-                  settings=settings, schedule=resolve_schedule(args.stage, args), loss=loss_weights_from(args),
-                  data=data, seed=args.seed, amp=not args.no_amp)
-
-
 def run(args: argparse.Namespace) -> int:
     procs, device = start_processes(args.device)
     configure_logging(args.log_level if procs.is_main else "warning")
@@ -771,6 +492,5 @@ def run(args: argparse.Namespace) -> int:
             log.info("training finished", last=str(last), best=str(best) if best.exists() else None,
                      best_val_psnr_db=trainer.best_psnr if trainer.best_psnr > -math.inf else None)
     finally:
-        if procs.distributed and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        stop_processes(procs)
     return 0
