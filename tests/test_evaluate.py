@@ -14,15 +14,9 @@ from ldct_node.errors import CommandError
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.weights import ModelCard, save_weights
 from ldct_train.baselines import BaselineSettings, noise_sigma, nlm_denoise, tv_denoise
-from ldct_train.evaluate import (
-    LOW_DOSE,
-    crop_box,
-    display_window,
-    find_citation,
-    paired_p_value,
-    parse_weights,
-)
+from ldct_train.evaluate import LOW_DOSE, find_citation, parse_weights
 from ldct_train.metrics import rmse
+from ldct_train.report import crop_box, display_window, paired_p_value
 from tests.synthetic import phantom_hu
 
 CITATION = "Doe J. A tiny phantom data set. 2025."
