@@ -62,6 +62,11 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
     atomic_write(path, lambda fh: fh.write(data), mode)
 
 
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """text as UTF-8, written as atomic_write_bytes writes bytes (newlines as they are in text)."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
 def private_dir(path: Path, tighten: bool = False) -> Path:
     """path as a folder: missing ones (parents too) are created DATA_DIR_MODE whatever the umask. An
     existing folder is left as it is unless tighten, which takes group/other access away from it (a

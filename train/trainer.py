@@ -14,7 +14,9 @@ events under ``tensorboard/``. ``--resume`` continues from ``last.state.pt``. Wi
 only rank 0 writes; for multi-node runs OUT must be on a filesystem every node sees (resume reads it),
 and ``--batch-size`` is per process. Training and validation volumes are held in memory.
 
-What a run is (stage, variant, settings, schedule, losses) is train/recipe.py; the
+Each of those files is replaced whole (``ldct_node.durable``: temporary file, fsync, rename), so a run
+killed mid-write leaves the previous epoch's file, never a torn one; only the TensorBoard events file
+is appended to. What a run is (stage, variant, settings, schedule, losses) is train/recipe.py; the
 processes and devices it runs on, train/distributed.py.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import time
@@ -38,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ldct_node import __version__
+from ldct_node.durable import atomic_write, atomic_write_text
 from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger
 from ldct_node.model import build_model
@@ -303,9 +307,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "best_psnr": self.best_psnr, "history": self.history, "wall_time_s": self.wall_time_s, "rng": torch.get_rng_state(),
         }
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.state_path)
+        atomic_write(self.state_path, lambda fh: torch.save(state, fh))
 
     # -------------------------------------------------------- one step
 
@@ -448,12 +450,11 @@ class Trainer:
 def write_metrics_csv(path: Path, history: list[dict]) -> None:
     """One row per epoch; rewritten whole from the run history, so a resumed run has no gaps or repeats."""
     columns = list(dict.fromkeys(key for row in history for key in row))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=columns)
-        out.writeheader()
-        out.writerows(history)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    out = csv.DictWriter(text, fieldnames=columns)
+    out.writeheader()
+    out.writerows(history)
+    atomic_write_text(path, text.getvalue())
 
 
 def read_card_data(path: Path | None) -> dict:
