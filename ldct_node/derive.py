@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import datetime
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +17,17 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, UID, generate_uid
+from pydicom.uid import CTImageStorage
 
 from . import __version__
 from .config import DeriveSettings
 from .durable import atomic_write
 from .pixels import stored_range
+from .uids import NODE_NAMESPACE, SEPARATOR, UUID_ROOT, name_uid
 
 MANUFACTURER = "ldct-node"
-UUID_ROOT = "2.25."
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "ldct-node")
 # Identifies the software that wrote the file, not a site, so it is UUID-derived and never changes.
-IMPLEMENTATION_CLASS_UID = f"{UUID_ROOT}{uuid.uuid5(_UID_NAMESPACE, 'implementation class').int}"
+IMPLEMENTATION_CLASS_UID = name_uid(NODE_NAMESPACE, ["implementation class"], UUID_ROOT)
 IMPLEMENTATION_VERSION_NAME = f"LDCT_NODE_{__version__}"[:16]
 MAX_LO_CHARS = 64
 _UTC_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
@@ -79,17 +77,9 @@ class Derivation:
 
 
 def _derived_uid(kind: str, source_uid: str, derivation: Derivation, root: str) -> str:
-    """A UID that depends only on its inputs, so a re-run replaces instead of duplicating in PACS.
-
-    pydicom's generate_uid(prefix, entropy_srcs) appends a 59-digit SHA-512 number, which under
-    2.25 is not a UUID (the 2.25 arc holds 128-bit UUID integers only), so the 2.25 root gets a
-    name-based UUID (RFC 4122 version 5) instead; any other root is the site's own and takes the hash.
-    """
-    # \x1f cannot occur in UIDs or model names, so distinct inputs never join into the same name.
-    name = "\x1f".join((kind, source_uid, derivation.model_name, derivation.model_version, derivation.fingerprint))
-    if root == UUID_ROOT:
-        return UID(f"{UUID_ROOT}{uuid.uuid5(_UID_NAMESPACE, name).int}")
-    return generate_uid(root, entropy_srcs=[name])
+    """A UID that depends only on its inputs, so a re-run replaces instead of duplicating in PACS
+    (ldct_node.uids.name_uid: a name-based UUID under 2.25, the site's root's hash under any other)."""
+    return name_uid(NODE_NAMESPACE, (kind, source_uid, derivation.model_name, derivation.model_version, derivation.fingerprint), root)
 
 
 def derived_series_uid(source_series_uid: str, derivation: Derivation, root: str) -> str:
@@ -101,7 +91,7 @@ def derived_sop_uid(source_series_uid: str, source_sop_uid: str, derivation: Der
     """The SOPInstanceUID of the derived instance of source_sop_uid in source_series_uid. The series is
     part of the name because a modality may reuse a SOP Instance UID in a second series: both slices
     are kept, and their derived instances must not replace each other in PACS."""
-    return _derived_uid("instance", f"{source_series_uid}\x1f{source_sop_uid}", derivation, root)
+    return _derived_uid("instance", f"{source_series_uid}{SEPARATOR}{source_sop_uid}", derivation, root)
 
 
 def _code_item(code: tuple[str, str, str]) -> Dataset:

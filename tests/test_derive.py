@@ -27,6 +27,7 @@ from pydicom.uid import (
 import ldct_node
 from ldct_node.config import DeriveSettings
 from ldct_node.derive import (
+    IMPLEMENTATION_CLASS_UID,
     Derivation,
     derive_dataset,
     derived_series_uid,
@@ -38,6 +39,7 @@ from ldct_node.derive import (
     write_dataset,
 )
 from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
+from ldct_node.uids import NODE_NAMESPACE, SIMULATE_NAMESPACE, name_uid
 from tests import synthetic
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
@@ -115,6 +117,23 @@ def test_uuid_root_uids_hold_a_128_bit_uuid_integer():
     uid = derived_sop_uid("1.9", "1.2.840.113619.2.55.3.1", DERIVATION, "2.25.")
     assert valid_uid(uid)
     assert uid.startswith("2.25.") and int(uid[5:]) < 2**128
+
+
+def test_derived_uids_never_change_between_versions():
+    """PACS relies on a re-derivation replacing its earlier instances: these values are pinned for good."""
+    site = "1.2.826.0.1.3680043.10.999."
+    assert derived_series_uid("1.2.3", DERIVATION, "2.25.") == "2.25.338639101257950569151658855655403076986"
+    assert derived_sop_uid("1.9", "1.2.3.4", DERIVATION, "2.25.") == "2.25.168180828776031201594397018034759588919"
+    assert derived_series_uid("1.2.3", DERIVATION, site) == site + "1283794196645383813030883028307414372"
+    assert derived_sop_uid("1.9", "1.2.3.4", DERIVATION, site) == site + "5606130876439567127452586011785525735"
+    assert IMPLEMENTATION_CLASS_UID == "2.25.193122669159185019550462391603692042140"
+
+
+def test_name_uid_depends_on_namespace_parts_and_their_boundaries():
+    assert name_uid(NODE_NAMESPACE, ["a", "b"]) == name_uid(NODE_NAMESPACE, ("a", "b"))
+    assert name_uid(NODE_NAMESPACE, ["a", "b"]) != name_uid(SIMULATE_NAMESPACE, ["a", "b"])
+    assert name_uid(NODE_NAMESPACE, ["ab", "c"]) != name_uid(NODE_NAMESPACE, ["a", "bc"])
+    assert valid_uid(name_uid(NODE_NAMESPACE, ["a"], "1.2.3."))
 
 
 @pytest.mark.parametrize("root", ["1.2.826.0.1.3680043.10.999.", "1.2.3.", "2.25."])

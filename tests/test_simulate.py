@@ -25,6 +25,7 @@ from ldct_train.simulate import (
     kernel_window,
     simulate_low_dose,
     simulated_description,
+    simulated_uid,
     view_angles,
 )
 from tests.synthetic import ct_series, write_series
@@ -215,6 +216,13 @@ def test_a_dose_fraction_outside_zero_to_one_is_refused(dose):
 def test_views_that_break_the_projector_symmetry_are_refused():
     with pytest.raises(CommandError, match="views"):
         simulate_low_dose(water_cylinder(), PIXEL_MM, 0.1, dataclasses.replace(CPU, views=100))
+
+
+def test_simulated_uids_never_change_between_versions():
+    """A re-run of the same simulation replaces its earlier series: these values are pinned."""
+    assert simulated_uid("series", "1.2.3", 0.25, 7, SimulationSettings()) == "2.25.206137979695189363698192303318661589908"
+    assert simulated_uid("instance", "1.2.3.4", 0.05, 0, CPU) == "2.25.267129123109121597380548424061700194474"
+    assert simulated_uid("instance", "1.2.3.4", 0.05, 1, CPU) != simulated_uid("instance", "1.2.3.4", 0.05, 0, CPU)
 
 
 def test_series_description_names_the_dose_within_64_characters():

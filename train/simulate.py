@@ -37,7 +37,6 @@ import json
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
 from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
 from ldct_node.series import Instance, scan_tree, stacks
+from ldct_node.uids import SIMULATE_NAMESPACE, UUID_ROOT, name_uid
 
 from .data import load_pairs
 
@@ -398,8 +398,6 @@ def simulate_low_dose(hu, pixel_spacing_mm: float, dose: float, settings: Simula
 # ---------------------------------------------------------------- DICOM series in, DICOM series out
 
 log = get_logger(__name__)
-# Namespace of the simulated series' UIDs: "2.25." + UUIDv5 needs no registered root.
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "ldct-node simulate")
 SERIES_DESCRIPTION_MAX = 64  # the LO value representation
 # Slices read, simulated and written at a time: the simulation is slice by slice, so total-body
 # series of thousands of slices need not fit in memory at once.
@@ -409,8 +407,7 @@ READ_CHUNK_SLICES = 64
 def simulated_uid(kind: str, source_uid: str, dose: float, seed: int, settings: SimulationSettings) -> str:
     """A UID that depends on its source, the dose, the seed and the settings: a re-run with the same
     inputs writes the same UIDs (a replacement), a different dose or seed a different series."""
-    name = "\x1f".join((kind, source_uid, repr(dose), str(seed), repr(dataclasses.astuple(settings))))
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+    return name_uid(SIMULATE_NAMESPACE, (kind, source_uid, repr(dose), str(seed), repr(dataclasses.astuple(settings))), UUID_ROOT)
 
 
 def simulated_description(source: str | None, dose: float) -> str:
