@@ -17,6 +17,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage
 
 from . import __version__
@@ -32,11 +34,11 @@ IMPLEMENTATION_VERSION_NAME = f"LDCT_NODE_{__version__}"[:16]
 MAX_LO_CHARS = 64
 _UTC_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
 
-# (CodeValue, CodingSchemeDesignator, CodeMeaning). DICOM has no code for "denoising"; CID 7203's
-# "Smoothing" is the closest.
-SMOOTHING = ("113087", "DCM", "Smoothing")
-SOURCE_IMAGE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
-MODIFYING_EQUIPMENT = ("109103", "DCM", "Modifying Equipment")
+# Codes from pydicom's dictionary of the standard's codes. DICOM has no code for "denoising";
+# CID 7203's "Smoothing" (113087) is the closest.
+SMOOTHING = codes.DCM.Smoothing
+SOURCE_IMAGE_PURPOSE = codes.DCM.SourceImageForImageProcessingOperation  # 121322, CID 7202
+MODIFYING_EQUIPMENT = codes.DCM.ModifyingEquipment  # 109103, CID 7005
 DERIVED_IMAGE_TYPE = ["DERIVED", "SECONDARY", "AXIAL"]
 
 # Attributes the new pixels or the new instance would make false: pixel statistics, the source's
@@ -94,10 +96,15 @@ def derived_sop_uid(source_series_uid: str, source_sop_uid: str, derivation: Der
     return _derived_uid("instance", f"{source_series_uid}{SEPARATOR}{source_sop_uid}", derivation, root)
 
 
-def _code_item(code: tuple[str, str, str]) -> Dataset:
-    """A code sequence item from (value, scheme, meaning)."""
+def code_item(code: Code) -> Dataset:
+    """A code sequence item of code (CodeValue, CodingSchemeDesignator, CodeMeaning, and the scheme's
+    version where the code has one)."""
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    if code.scheme_version:
+        item.CodingSchemeVersion = code.scheme_version
+    item.CodeMeaning = code.meaning
     return item
 
 
@@ -185,7 +192,7 @@ def _contributing_equipment(derivation: Derivation, settings: DeriveSettings, wh
     item.SoftwareVersions = [__version__, f"{derivation.model_name} {derivation.model_version}"[:MAX_LO_CHARS]]
     item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f") + (when.strftime("%z") if when.tzinfo else "")
     item.ContributionDescription = _derivation_description(derivation)
-    item.PurposeOfReferenceCodeSequence = Sequence([_code_item(MODIFYING_EQUIPMENT)])
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item(MODIFYING_EQUIPMENT)])
     return item
 
 
@@ -202,7 +209,7 @@ def _source_image(source: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    item.PurposeOfReferenceCodeSequence = Sequence([_code_item(SOURCE_IMAGE_PURPOSE)])
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item(SOURCE_IMAGE_PURPOSE)])
     return item
 
 
@@ -254,7 +261,7 @@ def derive_dataset(
     ds.SeriesNumber = series_number(source.get("SeriesNumber"), settings.series_number_offset)
     ds.SeriesDescription = series_description(source.get("SeriesDescription"), settings.series_description_suffix)
     ds.DerivationDescription = _derivation_description(derivation)
-    ds.DerivationCodeSequence = Sequence([_code_item(SMOOTHING)])
+    ds.DerivationCodeSequence = Sequence([code_item(SMOOTHING)])
     ds.SourceImageSequence = Sequence([_source_image(source)])
     when = _dicom_time(created, source)
     equipment = [copy.deepcopy(item) for item in source.get("ContributingEquipmentSequence", [])]

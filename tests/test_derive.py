@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -29,6 +30,7 @@ from ldct_node.config import DeriveSettings
 from ldct_node.derive import (
     IMPLEMENTATION_CLASS_UID,
     Derivation,
+    code_item,
     derive_dataset,
     derived_series_uid,
     derived_sop_uid,
@@ -237,6 +239,13 @@ def test_derivation_description_names_model_and_version(derived):
 def test_derivation_code_is_smoothing(derived):
     (item,) = derived.DerivationCodeSequence
     assert (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning) == ("113087", "DCM", "Smoothing")
+
+
+def test_code_item_carries_the_scheme_version_only_when_the_code_has_one():
+    item = code_item(Code("113087", "DCM", "Smoothing"))
+    assert (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning) == ("113087", "DCM", "Smoothing")
+    assert "CodingSchemeVersion" not in item
+    assert code_item(Code("X1", "99LOCAL", "Local", scheme_version="1.0")).CodingSchemeVersion == "1.0"
 
 
 def test_source_image_sequence_points_at_the_source_slice(source, derived):
