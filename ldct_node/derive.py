@@ -3,6 +3,11 @@ and its denoised stored values, their deterministic UIDs, the atomic writer and 
 
 Everything the design says to keep is kept by copying the source data set whole; the functions
 below then replace what must change and drop what the new pixels would make false.
+
+``rewritten_instance`` holds the rules for any new instance whose pixels were rewritten from a
+source slice's: what is dropped, ImageType, derivation and source image, file meta, lossy history
+and the pixel encoding. The denoised series (``derive_dataset``) and the simulated low-dose series
+(``ldct_train.simulate.simulated_dataset``) both build on it, each adding only what is its own.
 """
 
 from __future__ import annotations
@@ -224,17 +229,9 @@ def _file_meta(sop_uid: str, transfer_syntax: str) -> FileMetaDataset:
     return meta
 
 
-def derive_dataset(
-    source: pydicom.Dataset,
-    stored: np.ndarray,
-    *,
-    series_uid: str,
-    sop_uid: str,
-    derivation: Derivation,
-    settings: DeriveSettings,
-    created: datetime.datetime,
-) -> FileDataset:
-    """The derived CT Image Storage instance of source carrying the stored values `stored`."""
+def check_stored(source: Dataset, stored: np.ndarray) -> np.dtype:
+    """The native PixelData dtype of source, after checking that stored can replace its pixels: a CT
+    Image Storage source, the source's matrix, integers within BitsStored."""
     if source.get("SOPClassUID") != CTImageStorage:
         raise ValueError(f"source is not CT Image Storage (SOP class {source.get('SOPClassUID')}): only CT images are derived")
     dtype = _pixel_dtype(source)
@@ -244,8 +241,30 @@ def derive_dataset(
     lo, hi = stored_range(int(source.BitsStored), int(source.PixelRepresentation))
     if stored.dtype.kind not in "iu" or (stored.size and (int(stored.min()) < lo or int(stored.max()) > hi)):
         raise ValueError(f"stored pixels must be integers in {lo}..{hi} (BitsStored {int(source.BitsStored)})")
+    return dtype
 
-    ds = FileDataset("", Dataset(), file_meta=_file_meta(sop_uid, settings.transfer_syntax), preamble=b"\0" * 128)
+
+def rewritten_instance(
+    source: pydicom.Dataset,
+    stored: np.ndarray,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    transfer_syntax: str,
+    derivation_description: str,
+    derivation_code: Code,
+    derived_image_type: bool = True,
+) -> FileDataset:
+    """A new CT Image Storage instance of source carrying the stored values `stored`: the rules every
+    rewrite of a slice's pixels follows. A copy of source without what the new pixels make false
+    (_DROPPED, the old file meta and pixel group), with new file meta in transfer_syntax, the lossy
+    compression history (lossy_compression), new Series and SOP Instance UIDs, ImageType
+    DERIVED\\SECONDARY\\AXIAL (the source's when derived_image_type is False), the derivation's
+    description and code, a SourceImageSequence that points at the source slice, and `stored` as
+    native pixel data. Pure: the caller adds what is its own (series number and description,
+    equipment, dates)."""
+    dtype = check_stored(source, stored)
+    ds = FileDataset("", Dataset(), file_meta=_file_meta(sop_uid, transfer_syntax), preamble=b"\0" * 128)
     for elem in source:
         if elem.tag.group not in _REPLACED_GROUPS and elem.tag not in _DROPPED:
             ds.add(copy.deepcopy(elem))
@@ -257,12 +276,35 @@ def derive_dataset(
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.SeriesInstanceUID = series_uid
-    ds.ImageType = DERIVED_IMAGE_TYPE
+    if derived_image_type:
+        ds.ImageType = DERIVED_IMAGE_TYPE
+    ds.DerivationDescription = derivation_description
+    ds.DerivationCodeSequence = Sequence([code_item(derivation_code)])
+    ds.SourceImageSequence = Sequence([_source_image(source)])
+    ds.PixelData = np.ascontiguousarray(stored, dtype=dtype).tobytes()
+    ds["PixelData"].VR = "OB" if dtype.itemsize == 1 else "OW"
+    return ds
+
+
+def derive_dataset(
+    source: pydicom.Dataset,
+    stored: np.ndarray,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    derivation: Derivation,
+    settings: DeriveSettings,
+    created: datetime.datetime,
+) -> FileDataset:
+    """The derived (denoised) CT Image Storage instance of source carrying the stored values `stored`:
+    rewritten_instance, then the derived series' number and description, ldct-node as contributing
+    equipment and the creation time."""
+    ds = rewritten_instance(
+        source, stored, series_uid=series_uid, sop_uid=sop_uid, transfer_syntax=settings.transfer_syntax,
+        derivation_description=_derivation_description(derivation), derivation_code=SMOOTHING,
+    )
     ds.SeriesNumber = series_number(source.get("SeriesNumber"), settings.series_number_offset)
     ds.SeriesDescription = series_description(source.get("SeriesDescription"), settings.series_description_suffix)
-    ds.DerivationDescription = _derivation_description(derivation)
-    ds.DerivationCodeSequence = Sequence([code_item(SMOOTHING)])
-    ds.SourceImageSequence = Sequence([_source_image(source)])
     when = _dicom_time(created, source)
     equipment = [copy.deepcopy(item) for item in source.get("ContributingEquipmentSequence", [])]
     ds.ContributingEquipmentSequence = Sequence(equipment + [_contributing_equipment(derivation, settings, when)])
@@ -270,9 +312,6 @@ def derive_dataset(
     ds.InstanceCreationDate = ds.SeriesDate = ds.ContentDate = day
     ds.InstanceCreationTime = ds.SeriesTime = ds.ContentTime = time
     ds.BurnedInAnnotation = "NO"
-
-    ds.PixelData = np.ascontiguousarray(stored, dtype=dtype).tobytes()
-    ds["PixelData"].VR = "OB" if dtype.itemsize == 1 else "OW"
     return ds
 
 

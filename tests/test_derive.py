@@ -36,6 +36,7 @@ from ldct_node.derive import (
     derived_sop_uid,
     is_own_output,
     lossy_compression,
+    rewritten_instance,
     series_description,
     series_number,
     write_dataset,
@@ -205,6 +206,17 @@ def test_derived_transfer_syntax_follows_the_setting(source, tmp_path):
 
 def test_derived_image_type_is_derived_secondary_axial(derived):
     assert list(derived.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+
+
+def test_rewritten_instance_keeps_the_source_image_type_only_when_asked(source):
+    kwargs = dict(series_uid="1.2.3", sop_uid="1.2.3.4", transfer_syntax=ExplicitVRLittleEndian,
+                  derivation_description="test", derivation_code=Code("113087", "DCM", "Smoothing"))
+    stored = stored_values(source)
+    assert list(rewritten_instance(source, stored, **kwargs).ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    kept = rewritten_instance(source, stored, derived_image_type=False, **kwargs)
+    assert list(kept.ImageType) == list(source.ImageType)
+    assert "SeriesNumber" in kept and kept.SeriesNumber == source.SeriesNumber  # the caller's own, untouched
+    assert "ContributingEquipmentSequence" not in kept
 
 
 def test_derived_series_number_is_source_plus_offset(source, tmp_path):

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import torch
 import torch.nn.functional as F
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ldct_node.cli import main
+from ldct_node.derive import IMPLEMENTATION_CLASS_UID, is_own_output, write_dataset
 from ldct_node.errors import CommandError
+from ldct_node.pixels import hu_to_stored, rescale, stored_to_hu, stored_values
+from ldct_node.series import classify
 from ldct_train.data import load_pair, load_pairs
 from ldct_train.simulate import (
     ParallelBeamProjector,
@@ -24,11 +32,14 @@ from ldct_train.simulate import (
     fbp,
     kernel_window,
     simulate_low_dose,
+    SIMULATION_CODE,
+    derivation_text,
+    simulated_dataset,
     simulated_description,
     simulated_uid,
     view_angles,
 )
-from tests.synthetic import ct_series, write_series
+from tests.synthetic import compress_j2k_lossy, ct_dataset, ct_series, require_tool, save, write_series
 
 PIXEL_MM = 0.8
 SIZE = 256
@@ -257,6 +268,8 @@ def test_simulated_series_is_written_as_dicom_with_new_uids_and_everything_else_
         assert out.SOPInstanceUID != src.SOPInstanceUID
         assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
         assert out.SeriesDescription == f"{src.SeriesDescription} simulated 5 % dose"
+        assert out.DerivationDescription.startswith("Simulated 5 % dose by ldct-node")
+        assert out.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         for keyword in ("PatientName", "StudyInstanceUID", "ImagePositionPatient", "PixelSpacing", "RescaleIntercept", "ImageType", "InstanceNumber"):
             assert out[keyword].value == src[keyword].value, keyword
         fill = src.pixel_array == -3024 + 1024  # intercept −1024
@@ -301,3 +314,95 @@ def test_default_flux_implies_routine_noise_for_the_real_series(shared_series):
     noise = simulate_low_dose(hu, float(ds.PixelSpacing[0]), 0.5, dataclasses.replace(CPU, views=512),
                               torch.Generator().manual_seed(0)) - hu
     assert 8.0 < noise[200:260, 120:180].std() < 18.0
+
+
+# ---------------------------------------------------------------- rules of rewritten pixels
+
+
+def _rewritten_source(**kwargs) -> pydicom.Dataset:
+    """A slice carrying everything a rewrite of its pixels must drop or replace, read back from a file."""
+    source = ct_dataset(rows=32, columns=32, **kwargs)
+    source.SmallestImagePixelValue, source.LargestImagePixelValue = 0, 4095
+    source.SmallestPixelValueInSeries, source.LargestPixelValueInSeries = 0, 4095
+    source.IconImageSequence = Sequence([Dataset()])
+    source.DigitalSignaturesSequence = Sequence([Dataset()])
+    source.InstanceCreatorUID = "1.2.3"
+    source.file_meta.SourceApplicationEntityTitle = "SCANNER"
+    return source
+
+
+def _simulated(source: pydicom.Dataset, tmp_path, dose: float = 0.25, seed: int = 3) -> pydicom.Dataset:
+    hu = stored_to_hu(stored_values(source), *rescale(source)) + 5.0
+    path = tmp_path / "simulated.dcm"
+    write_dataset(simulated_dataset(source, hu, "1.2.3", "1.2.3.4", dose, seed, CPU), path)
+    return pydicom.dcmread(path)
+
+
+def test_simulated_slice_drops_what_its_rewritten_pixels_make_false(tmp_path):
+    out = _simulated(_rewritten_source(), tmp_path)
+    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
+                    "LargestPixelValueInSeries", "IconImageSequence", "DigitalSignaturesSequence", "InstanceCreatorUID"):
+        assert keyword not in out, keyword
+
+
+def test_simulated_slice_names_its_derivation_and_its_source(tmp_path):
+    source = _rewritten_source()
+    out = _simulated(source, tmp_path)
+    assert out.DerivationDescription == derivation_text(0.25, 3, CPU)
+    for part in ("Simulated 25 % dose", "kernel hann", "256 views", "seed 3"):
+        assert part in out.DerivationDescription, part
+    (code,) = out.DerivationCodeSequence
+    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
+        SIMULATION_CODE.value, SIMULATION_CODE.scheme_designator, SIMULATION_CODE.meaning)
+    (item,) = out.SourceImageSequence
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (CTImageStorage, source.SOPInstanceUID)
+    (purpose,) = item.PurposeOfReferenceCodeSequence
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("121322", "DCM")
+    assert (out.SeriesInstanceUID, out.SOPInstanceUID) == ("1.2.3", "1.2.3.4")
+
+
+def test_simulated_slice_stays_an_original_image_the_pairs_loader_reads(tmp_path):
+    """ImageType is the one rule of rewritten pixels the simulation does not share (see SIMULATION_CODE):
+    train/data.py reads a pair's folders through scan_tree, which takes ORIGINAL\\PRIMARY images only."""
+    out = _simulated(_rewritten_source(), tmp_path)
+    assert list(out.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert classify(out) is None and not is_own_output(out)
+
+
+def test_simulated_slice_gets_new_file_meta_and_native_explicit_little_endian_pixels(tmp_path):
+    source = _rewritten_source(transfer_syntax=ImplicitVRLittleEndian)
+    out = _simulated(source, tmp_path)
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert out.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert "SourceApplicationEntityTitle" not in out.file_meta
+    assert out["PixelData"].VR == "OW"
+    expected = hu_to_stored(stored_to_hu(stored_values(source), *rescale(source)) + 5.0, *rescale(source),
+                            int(source.BitsStored), int(source.PixelRepresentation), np.uint16)
+    np.testing.assert_array_equal(out.pixel_array, expected)
+    assert out.LossyImageCompression == "00"
+
+
+def test_simulated_slice_of_a_lossy_source_records_the_lossy_history(tmp_path):
+    source = pydicom.dcmread(save(compress_j2k_lossy(ct_dataset(rows=64, columns=64), ratio=10.0), tmp_path / "lossy.dcm"))
+    out = _simulated(source, tmp_path)
+    assert out.LossyImageCompression == "01"
+    assert out.LossyImageCompressionMethod == "ISO_15444_1"
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def _dciodvfy(path) -> tuple[list[str], list[str]]:
+    tool = require_tool(Path("/usr/bin/dciodvfy"))
+    out = subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [l for l in lines if "Error" in l], [l for l in lines if "Warning" in l]
+
+
+def test_simulated_slice_passes_dciodvfy_without_errors_or_new_warnings_but_its_local_code(tmp_path):
+    source_path = save(ct_dataset(rows=32, columns=32, signed=True, bits_stored=16, padding_value=-2000), tmp_path / "src.dcm")
+    _, source_warnings = _dciodvfy(source_path)
+    _simulated(pydicom.dcmread(source_path), tmp_path)
+    errors, warnings = _dciodvfy(tmp_path / "simulated.dcm")
+    assert errors == []
+    # The one new warning: dciodvfy knows no local ("99") coding scheme, and DICOM has no code for a simulation.
+    assert {w for w in warnings if SIMULATION_CODE.scheme_designator not in w} <= set(source_warnings)

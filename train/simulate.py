@@ -44,11 +44,13 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from ldct_node.config import InferenceSettings
 from ldct_node.denoise import resolve_device
-from ldct_node.derive import write_dataset
+from ldct_node import __version__
+from ldct_node.derive import rewritten_instance, write_dataset
 from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
 from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
@@ -399,6 +401,15 @@ def simulate_low_dose(hu, pixel_spacing_mm: float, dose: float, settings: Simula
 
 log = get_logger(__name__)
 SERIES_DESCRIPTION_MAX = 64  # the LO value representation
+# DerivationCodeSequence of a simulated slice. Hand-typed in a local ("99") coding scheme because
+# neither DICOM (CID 7203 Image Derivation) nor pydicom's code dictionary has a code for simulated
+# dose reduction or noise insertion; DerivationDescription says the rest.
+#
+# ImageType stays the source's ORIGINAL\PRIMARY instead of rewritten_instance's DERIVED\SECONDARY:
+# training and evaluation read a pair's low-dose folder through ldct_node.series.scan_tree
+# (train/data.py), which takes ORIGINAL\PRIMARY images only, so a DERIVED simulated series would not
+# load as a pair. Drop simulated_dataset's derived_image_type=False once that loader accepts derived series.
+SIMULATION_CODE = Code("SIMLOWDOSE", "99LDCTNODE", "Simulated low-dose noise insertion")
 # Slices read, simulated and written at a time: the simulation is slice by slice, so total-body
 # series of thousands of slices need not fit in memory at once.
 READ_CHUNK_SLICES = 64
@@ -433,23 +444,29 @@ def pixel_spacing_mm(ds: pydicom.Dataset) -> float:
     return rows
 
 
-def simulated_dataset(source: pydicom.Dataset, hu: np.ndarray, series_uid: str, sop_uid: str, dose: float) -> pydicom.Dataset:
-    """A copy of source with the simulated pixels, new UIDs and a description naming the dose."""
-    ds = source.copy()
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        # The pixels are rewritten, so the old encoding cannot be kept; every PACS takes this one.
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+def derivation_text(dose: float, seed: int, settings: SimulationSettings) -> str:
+    """DerivationDescription of a simulated slice: what made its pixels, with everything needed to
+    make them again."""
+    return (f"Simulated {dose * 100:g} % dose by ldct-node {__version__}: projection-domain noise insertion "
+            f"(incident flux {settings.incident_flux:g}, electronic noise {settings.electronic_noise:g}, "
+            f"{settings.views} views, kernel {settings.kernel}, seed {seed})")
+
+
+def simulated_dataset(source: pydicom.Dataset, hu: np.ndarray, series_uid: str, sop_uid: str, dose: float,
+                      seed: int = 0, settings: SimulationSettings | None = None) -> pydicom.Dataset:
+    """The simulated instance of source: the rules of every rewrite of a slice's pixels
+    (ldct_node.derive.rewritten_instance: what the new pixels make false dropped, new file meta in
+    Explicit VR Little Endian, lossy history, derivation and source image), the simulated pixels,
+    new UIDs and a description naming the dose."""
+    settings = settings or SimulationSettings()
     slope, intercept = rescale(source)
     stored = stored_values(source)
     new = hu_to_stored(hu, slope, intercept, int(source.BitsStored), int(source.PixelRepresentation), stored.dtype)
-    ds.PixelData = np.ascontiguousarray(new).tobytes()
-    ds["PixelData"].VR = "OB" if new.dtype.itemsize == 1 else "OW"
-    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue"):
-        if keyword in ds:
-            del ds[keyword]
-    ds.SeriesInstanceUID = series_uid
-    ds.SOPInstanceUID = sop_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds = rewritten_instance(
+        source, new, series_uid=series_uid, sop_uid=sop_uid, transfer_syntax=ExplicitVRLittleEndian,
+        derivation_description=derivation_text(dose, seed, settings), derivation_code=SIMULATION_CODE,
+        derived_image_type=False,  # see SIMULATION_CODE's comment: until the pairs loader takes derived series
+    )
     ds.SeriesDescription = simulated_description(source.get("SeriesDescription"), dose)
     return ds
 
@@ -482,7 +499,7 @@ def simulate_series(series_uid: str, instances: list[Instance], nd_dir: Path, ld
                 sop_uid = simulated_uid("instance", instance.sop_uid, dose, seed, settings)
                 target = ld_dir / instance.path.relative_to(nd_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                write_dataset(simulated_dataset(source, hu, new_series_uid, sop_uid, dose), target)
+                write_dataset(simulated_dataset(source, hu, new_series_uid, sop_uid, dose, seed, settings), target)
                 written.append(target)
     return written
 
