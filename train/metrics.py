@@ -15,8 +15,10 @@ from skimage.metrics import structural_similarity
 
 from ldct_node.config import FidelitySettings
 from ldct_node.fidelity import mean_hu_change, noise_sd, soft_tissue_mask, uniform_tissue
+from ldct_node.weights import InputScaling
 
-HU_FULL: tuple[float, float] = (-1024.0, 3072.0)
+# The network's input range, from the one place that states it (a reader's window is not it).
+HU_FULL: tuple[float, float] = (InputScaling().hu_min, InputScaling().hu_max)
 HU_SOFT_TISSUE: tuple[float, float] = (-160.0, 240.0)
 
 # SSIM as in Wang et al. 2004 with a Gaussian window; the settings skimage documents for that paper.
