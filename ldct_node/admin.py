@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import CommandError
-from .queue import ACTIVE, FAILED, PENDING, STATES, Delivery, Queue, QueueDamaged, QueueError, SeriesRow
+from .queue import ACTIVE, Delivery, DeliveryState, Queue, QueueDamaged, QueueError, SeriesRow, SeriesState
 from .spool import Spool
 
 
@@ -35,13 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     lister = sub.add_parser("list", parents=[common], help="show the jobs")
     lister.add_argument("--json", action="store_true", help="one JSON array of jobs (for scripts and tests)")
-    lister.add_argument("--state", action="append", choices=STATES, help="only jobs in this state (repeatable)")
+    # Plain strings: argparse shows the choices with repr() when one is wrong.
+    lister.add_argument("--state", action="append", choices=[s.value for s in SeriesState],
+                        help="only jobs in this state (repeatable)")
     retry = sub.add_parser("retry", parents=[common], help="send or denoise failed series again")
     retry.add_argument("series", nargs="*", metavar="SERIES_UID")
     retry.add_argument("--all-failed", action="store_true", help="every failed series")
     purge = sub.add_parser("purge", parents=[common], help="forget series and delete their files")
     purge.add_argument("series", nargs="*", metavar="SERIES_UID")
-    purge.add_argument("--state", action="append", choices=[s for s in STATES if s not in ACTIVE],
+    purge.add_argument("--state", action="append", choices=[s.value for s in SeriesState if s not in ACTIVE],
                        help="every series in this state (repeatable)")
 
 
@@ -71,7 +73,7 @@ def format_table(rows: list[SeriesRow]) -> str:
 def delivery_detail(d: Delivery) -> str:
     """destination=state/attempts, and for one that is retrying: when it is next tried, and why it failed."""
     text = f"{d.destination}={d.state}/{d.attempts}"
-    if d.state == PENDING and d.attempts:
+    if d.state == DeliveryState.PENDING and d.attempts:
         text += f" next {_when(d.next_attempt_at)} ({d.error})"
     return text
 
@@ -83,7 +85,7 @@ def set_aside_detail(items: list[dict], shown: int = SET_ASIDE_SHOWN) -> str:
     return f"set aside {len(items)}: {listed}{more}"
 
 
-def _selected(queue: Queue, uids: list[str], states: list[str] | None) -> list[str]:
+def _selected(queue: Queue, uids: list[str], states: list[SeriesState] | None) -> list[str]:
     if bool(uids) == bool(states):
         raise CommandError("name series UIDs or a selection flag, not both and not neither")
     return uids or [row.series_uid for row in queue.jobs(tuple(states))]
@@ -99,15 +101,15 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{exc}; restart the node: it sets the file aside and rebuilds the queue from the spool") from None
     try:
         if args.action == "list":
-            rows = queue.jobs(tuple(args.state) if args.state else STATES)
+            rows = queue.jobs(tuple(map(SeriesState, args.state)) if args.state else tuple(SeriesState))
             print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else format_table(rows))
             return 0
         if args.action == "retry":
-            for uid in _selected(queue, args.series, [FAILED] if args.all_failed else None):
+            for uid in _selected(queue, args.series, [SeriesState.FAILED] if args.all_failed else None):
                 print(f"{uid}: {queue.retry(uid)}")
             return 0
         spool = Spool(cfg.storage.spool_dir)
-        for uid in _selected(queue, args.series, args.state):
+        for uid in _selected(queue, args.series, [SeriesState(s) for s in args.state] if args.state else None):
             row = queue.remove(uid)
             spool.remove_series(uid)
             if row.outbox:

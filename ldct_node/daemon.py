@@ -38,7 +38,7 @@ from .durable import DATA_FILE_MODE, private_dir
 from .errors import CommandError
 from .logs import configure_logging, get_logger
 from .observe import DeliveryBacklog, Health, HttpServer, Metrics
-from .queue import open_queue
+from .queue import SeriesState, open_queue
 from .receive import Receiver
 from .send import Sender
 from .spool import Spool
@@ -141,7 +141,7 @@ class Node:
         log.info("model loaded", model=engine.card.model_id)
         return EngineProcessor(engine, self.cfg.derive, self.cfg.fidelity)
 
-    def _finished(self, series_uid: str, state: str) -> None:
+    def _finished(self, series_uid: str, state: SeriesState) -> None:
         self.metrics.series_finished(state)
 
     def recover(self) -> None:

@@ -50,6 +50,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .fidelity import FidelitySummary
 from .logs import get_logger
+from .queue import SeriesState
 
 log = get_logger(__name__)
 
@@ -66,7 +67,7 @@ LOWPASS_CHANGE_BUCKETS = (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 50)
 class _QueueDepth:
     """Reads queue depth at scrape time, so the gauge can never drift from the database."""
 
-    def __init__(self, depth: Callable[[], dict[str, int]]):
+    def __init__(self, depth: Callable[[], dict[SeriesState, int]]):
         self._depth = depth
 
     def collect(self):
@@ -94,7 +95,7 @@ class DeliveryBacklog:
 
 
 class Metrics:
-    def __init__(self, depth: Callable[[], dict[str, int]] | None = None,
+    def __init__(self, depth: Callable[[], dict[SeriesState, int]] | None = None,
                  spool_free: Callable[[], float] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -151,8 +152,8 @@ class Metrics:
         self.slices_done.set(done)
         self.slices_total.set(total)
 
-    def series_finished(self, state: str) -> None:
-        (self.series_done if state == "done" else self.series_failed).inc()
+    def series_finished(self, state: SeriesState) -> None:
+        (self.series_done if state == SeriesState.DONE else self.series_failed).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -166,7 +167,7 @@ class Health:
     housekeeper_alive: bool  # series assembly and retention
     spool_free_bytes: int
     spool_min_free_bytes: int
-    queue: dict[str, int]
+    queue: dict[SeriesState, int]
     degraded: tuple[str, ...] = ()  # one line per reason the node cannot do its work now (outbox full)
 
     @property

@@ -46,6 +46,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -56,13 +57,29 @@ from .spool import SpooledInstance
 
 log = get_logger(__name__)
 
-RECEIVED, QUEUED, DENOISING, SENDING, DONE, FAILED = "received", "queued", "denoising", "sending", "done", "failed"
-STATES = (RECEIVED, QUEUED, DENOISING, SENDING, DONE, FAILED)
-FINISHED = (DONE, FAILED)
-# The worker or sender is working on these; taking files away under them would corrupt a run.
-ACTIVE = (DENOISING, SENDING)
 
-PENDING = "pending"  # delivery states: pending -> done | failed
+class SeriesState(StrEnum):
+    """Column ``series.state``; the values are what the database holds, so they never change."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    DENOISING = "denoising"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryState(StrEnum):
+    """Column ``deliveries.state``: pending -> done | failed; stored values, like SeriesState's."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINISHED = (SeriesState.DONE, SeriesState.FAILED)
+# The worker or sender is working on these; taking files away under them would corrupt a run.
+ACTIVE = (SeriesState.DENOISING, SeriesState.SENDING)
 
 KEPT_IN_OUTBOX = "kept in outbox (no destination configured)"
 
@@ -151,7 +168,7 @@ def gives_up(tried: int, pending_for_s: float, policy: RetryPolicy) -> bool:
 
 @dataclass(frozen=True)
 class FailedAttempt:
-    series_state: str
+    series_state: SeriesState
     gave_up: bool
     next_attempt_at: float
 
@@ -159,7 +176,7 @@ class FailedAttempt:
 @dataclass
 class Delivery:
     destination: str
-    state: str
+    state: DeliveryState
     attempts: int
     next_attempt_at: float
     pending_since: float | None
@@ -174,7 +191,7 @@ class SeriesRow:
     and finished_at − denoised_at the sending."""
 
     series_uid: str
-    state: str
+    state: SeriesState
     run: int
     instances: int  # of this run; still counted after retention removed their files
     first_received_at: float
@@ -289,13 +306,13 @@ class Queue:
                 db.execute(
                     "INSERT INTO series (series_uid, state, first_received_at, last_received_at, updated_at)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (series_uid, RECEIVED, now, now, now),
+                    (series_uid, SeriesState.RECEIVED, now, now, now),
                 )
             elif row["state"] in FINISHED:
                 self._reopen(db, series_uid, now)
             else:
                 # queued goes back to received: the series was not complete after all.
-                state = RECEIVED if row["state"] == QUEUED else row["state"]
+                state = SeriesState.RECEIVED if row["state"] == SeriesState.QUEUED else row["state"]
                 db.execute(
                     "UPDATE series SET state = ?, last_received_at = max(last_received_at, ?), updated_at = ?"
                     " WHERE series_uid = ?",
@@ -309,7 +326,7 @@ class Queue:
             " started_at = NULL, denoised_at = NULL, finished_at = NULL, reason = NULL, cleaned_at = NULL,"
             " instances = NULL, set_aside = NULL, updated_at = ?"
             " WHERE series_uid = ?",
-            (RECEIVED, now, now, series_uid),
+            (SeriesState.RECEIVED, now, now, series_uid),
         )
         db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
 
@@ -331,11 +348,11 @@ class Queue:
         with self._tx() as db:
             uids = [r[0] for r in db.execute(
                 "SELECT series_uid FROM series WHERE state = ? AND last_received_at <= ? ORDER BY last_received_at",
-                (RECEIVED, now - quiet_period_s),
+                (SeriesState.RECEIVED, now - quiet_period_s),
             )]
             db.executemany(
                 "UPDATE series SET state = ?, queued_at = ?, updated_at = ? WHERE series_uid = ?",
-                [(QUEUED, now, now, uid) for uid in uids],
+                [(SeriesState.QUEUED, now, now, uid) for uid in uids],
             )
         return uids
 
@@ -346,13 +363,14 @@ class Queue:
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                "SELECT series_uid, run FROM series WHERE state = ? ORDER BY queued_at, series_uid LIMIT 1", (QUEUED,)
+                "SELECT series_uid, run FROM series WHERE state = ? ORDER BY queued_at, series_uid LIMIT 1",
+                (SeriesState.QUEUED,),
             ).fetchone()
             if row is None:
                 return None
             db.execute(
                 "UPDATE series SET state = ?, started_at = ?, reason = NULL, updated_at = ? WHERE series_uid = ?",
-                (DENOISING, now, now, row["series_uid"]),
+                (SeriesState.DENOISING, now, now, row["series_uid"]),
             )
             paths = [Path(r[0]) for r in db.execute(
                 "SELECT path FROM instances WHERE series_uid = ? ORDER BY path", (row["series_uid"],)
@@ -370,7 +388,7 @@ class Queue:
         destinations: list[str],
         now: float | None = None,
         set_aside: list[tuple[str, str]] = (),
-    ) -> str:
+    ) -> SeriesState:
         """The worker wrote the derived series: sending (one pending delivery per destination), or done
         when there is no destination. set_aside: (SOP Instance UID, reason) of each instance it could
         not use. Returns the new state."""
@@ -384,28 +402,28 @@ class Queue:
             )
             db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
             if not destinations:
-                return self._finish(db, series_uid, DONE, KEPT_IN_OUTBOX, now)
+                return self._finish(db, series_uid, SeriesState.DONE, KEPT_IN_OUTBOX, now)
             db.executemany(
                 "INSERT INTO deliveries (series_uid, destination, state, next_attempt_at, pending_since, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                [(series_uid, name, PENDING, now, now, now) for name in destinations],
+                [(series_uid, name, DeliveryState.PENDING, now, now, now) for name in destinations],
             )
-            db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (SENDING, series_uid))
-            return SENDING
+            db.execute("UPDATE series SET state = ? WHERE series_uid = ?", (SeriesState.SENDING, series_uid))
+            return SeriesState.SENDING
 
-    def requeue(self, series_uid: str, reason: str, now: float | None = None) -> str:
+    def requeue(self, series_uid: str, reason: str, now: float | None = None) -> SeriesState:
         """The run could not finish for a reason outside the series (a full outbox): queued again,
         first in line as before, with the reason shown until it is claimed."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
                 "UPDATE series SET state = ?, started_at = NULL, reason = ?, updated_at = ? WHERE series_uid = ?",
-                (QUEUED, reason, now, series_uid),
+                (SeriesState.QUEUED, reason, now, series_uid),
             )
-        return QUEUED
+        return SeriesState.QUEUED
 
-    def finish(self, series_uid: str, state: str, reason: str, now: float | None = None,
-               set_aside: list[tuple[str, str]] = ()) -> str:
+    def finish(self, series_uid: str, state: SeriesState, reason: str, now: float | None = None,
+               set_aside: list[tuple[str, str]] = ()) -> SeriesState:
         """End the current run as done or failed (worker failures, nothing to denoise); set_aside as in denoised."""
         now = time.time() if now is None else now
         with self._tx() as db:
@@ -413,7 +431,8 @@ class Queue:
             return self._finish(db, series_uid, state, reason, now)
 
     @staticmethod
-    def _finish(db: sqlite3.Connection, series_uid: str, state: str, reason: str | None, now: float) -> str:
+    def _finish(db: sqlite3.Connection, series_uid: str, state: SeriesState, reason: str | None,
+                now: float) -> SeriesState:
         row = db.execute(
             "SELECT started_at, last_received_at FROM series WHERE series_uid = ?", (series_uid,)
         ).fetchone()
@@ -424,7 +443,7 @@ class Queue:
         if row["started_at"] is not None and row["last_received_at"] > row["started_at"]:
             # Instances came in while this run worked: they get a run of their own.
             Queue._reopen(db, series_uid, row["last_received_at"])
-            return RECEIVED
+            return SeriesState.RECEIVED
         return state
 
     # --- sender ------------------------------------------------------------------------------
@@ -437,18 +456,18 @@ class Queue:
                 " FROM deliveries d JOIN series s USING (series_uid)"
                 " WHERE s.state = ? AND d.state = ? AND d.next_attempt_at <= ?"
                 " ORDER BY d.next_attempt_at, d.series_uid, d.destination",
-                (SENDING, PENDING, now),
+                (SeriesState.SENDING, DeliveryState.PENDING, now),
             ).fetchall()
         return [DueDelivery(r[0], r[1], r[2], r[3], Path(r[4]), r[5]) for r in rows]
 
-    def delivered(self, series_uid: str, destination: str, sent: int, now: float | None = None) -> str:
+    def delivered(self, series_uid: str, destination: str, sent: int, now: float | None = None) -> SeriesState:
         """One destination stored the series. Returns the series state afterwards."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, sent = ?, error = NULL, updated_at = ?"
                 " WHERE series_uid = ? AND destination = ?",
-                (DONE, sent, now, series_uid, destination),
+                (DeliveryState.DONE, sent, now, series_uid, destination),
             )
             return self._settle(db, series_uid, now)
 
@@ -468,7 +487,8 @@ class Queue:
             db.execute(
                 "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, error = ?, updated_at = ?"
                 " WHERE series_uid = ? AND destination = ?",
-                (FAILED if gave_up else PENDING, tried, next_attempt_at, error, now, series_uid, destination),
+                (DeliveryState.FAILED if gave_up else DeliveryState.PENDING, tried, next_attempt_at, error, now,
+                 series_uid, destination),
             )
             return FailedAttempt(self._settle(db, series_uid, now), gave_up, next_attempt_at)
 
@@ -478,20 +498,21 @@ class Queue:
             rows = self._db.execute(
                 "SELECT d.destination, count(*), min(d.next_attempt_at) FROM deliveries d JOIN series s"
                 " USING (series_uid) WHERE s.state = ? AND d.state = ? GROUP BY d.destination",
-                (SENDING, PENDING),
+                (SeriesState.SENDING, DeliveryState.PENDING),
             ).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    def _settle(self, db: sqlite3.Connection, series_uid: str, now: float) -> str:
+    def _settle(self, db: sqlite3.Connection, series_uid: str, now: float) -> SeriesState:
         rows = db.execute(
             "SELECT destination, state, attempts, error FROM deliveries WHERE series_uid = ?", (series_uid,)
         ).fetchall()
-        if any(r["state"] == PENDING for r in rows):
-            return SENDING
-        failures = [f"{r['destination']}: {r['error']} (after {r['attempts']} attempts)" for r in rows if r["state"] == FAILED]
+        if any(r["state"] == DeliveryState.PENDING for r in rows):
+            return SeriesState.SENDING
+        failures = [f"{r['destination']}: {r['error']} (after {r['attempts']} attempts)"
+                    for r in rows if r["state"] == DeliveryState.FAILED]
         if failures:
-            return self._finish(db, series_uid, FAILED, "; ".join(failures), now)
-        return self._finish(db, series_uid, DONE, None, now)
+            return self._finish(db, series_uid, SeriesState.FAILED, "; ".join(failures), now)
+        return self._finish(db, series_uid, SeriesState.DONE, None, now)
 
     # --- restart, admin, retention --------------------------------------------------------------
 
@@ -503,14 +524,15 @@ class Queue:
         """
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("UPDATE series SET last_received_at = ?, updated_at = ? WHERE state = ?", (now, now, RECEIVED))
+            db.execute("UPDATE series SET last_received_at = ?, updated_at = ? WHERE state = ?",
+                       (now, now, SeriesState.RECEIVED))
             return db.execute(
                 "UPDATE series SET state = ?, queued_at = coalesce(queued_at, ?), started_at = NULL, updated_at = ?"
                 " WHERE state = ?",
-                (QUEUED, now, now, DENOISING),
+                (SeriesState.QUEUED, now, now, SeriesState.DENOISING),
             ).rowcount
 
-    def retry(self, series_uid: str, now: float | None = None) -> str:
+    def retry(self, series_uid: str, now: float | None = None) -> SeriesState:
         """Give a failed series another go: sending again when its derived series is still in the
         outbox, otherwise denoising again. Returns the new state."""
         now = time.time() if now is None else now
@@ -518,23 +540,23 @@ class Queue:
             row = db.execute("SELECT state, outbox, slices FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
             if row is None:
                 raise QueueError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
-            if row["state"] != FAILED:
+            if row["state"] != SeriesState.FAILED:
                 raise QueueError(f"series {series_uid} is {row['state']}, only failed series can be retried")
             failed = db.execute(
-                "SELECT count(*) FROM deliveries WHERE series_uid = ? AND state = ?", (series_uid, FAILED)
+                "SELECT count(*) FROM deliveries WHERE series_uid = ? AND state = ?", (series_uid, DeliveryState.FAILED)
             ).fetchone()[0]
             if failed and outputs_complete(row["outbox"], row["slices"]):
                 db.execute(
                     "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, pending_since = ?, updated_at = ?"
                     " WHERE series_uid = ? AND state = ?",
-                    (PENDING, now, now, now, series_uid, FAILED),
+                    (DeliveryState.PENDING, now, now, now, series_uid, DeliveryState.FAILED),
                 )
-                state = SENDING
+                state = SeriesState.SENDING
             else:
                 db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
-                state = QUEUED
+                state = SeriesState.QUEUED
             # A resumed send counts as started now, so instances arriving during it get a run of their own.
-            started = now if state == SENDING else None
+            started = now if state == SeriesState.SENDING else None
             db.execute(
                 "UPDATE series SET state = ?, queued_at = ?, started_at = ?, finished_at = NULL, reason = NULL,"
                 " updated_at = ? WHERE series_uid = ?",
@@ -559,7 +581,7 @@ class Queue:
         with self._lock:
             uids = [r[0] for r in self._db.execute(
                 "SELECT series_uid FROM series WHERE state = ? AND cleaned_at IS NULL AND finished_at <= ?",
-                (DONE, cutoff),
+                (SeriesState.DONE, cutoff),
             )]
             return [self._row(self._db, uid) for uid in uids]
 
@@ -579,7 +601,7 @@ class Queue:
         with self._lock:
             return self._row(self._db, series_uid)
 
-    def jobs(self, states: tuple[str, ...] = STATES) -> list[SeriesRow]:
+    def jobs(self, states: tuple[SeriesState, ...] = tuple(SeriesState)) -> list[SeriesRow]:
         with self._lock:
             uids = [r[0] for r in self._db.execute(
                 f"SELECT series_uid FROM series WHERE state IN ({','.join('?' * len(states))})"
@@ -588,11 +610,11 @@ class Queue:
             )]
             return [self._row(self._db, uid) for uid in uids]
 
-    def depth(self) -> dict[str, int]:
+    def depth(self) -> dict[SeriesState, int]:
         """Number of series per state (every state present, zero included)."""
         with self._lock:
             counts = dict(self._db.execute("SELECT state, count(*) FROM series GROUP BY state").fetchall())
-        return {state: counts.get(state, 0) for state in STATES}
+        return {state: counts.get(state, 0) for state in SeriesState}
 
     @staticmethod
     def _row(db: sqlite3.Connection, series_uid: str) -> SeriesRow | None:
@@ -600,14 +622,15 @@ class Queue:
         if row is None:
             return None
         fields = dict(row)
+        fields["state"] = SeriesState(fields["state"])
         fields["set_aside"] = json.loads(fields["set_aside"]) if fields.get("set_aside") else []
         # The column is set only once retention has removed the instance rows; until then they are counted.
         if fields["instances"] is None:
             fields["instances"] = db.execute(
                 "SELECT count(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0]
         deliveries = [
-            Delivery(r["destination"], r["state"], r["attempts"], r["next_attempt_at"], r["pending_since"], r["sent"],
-                     r["error"])
+            Delivery(r["destination"], DeliveryState(r["state"]), r["attempts"], r["next_attempt_at"],
+                     r["pending_since"], r["sent"], r["error"])
             for r in db.execute(
                 "SELECT * FROM deliveries WHERE series_uid = ? ORDER BY destination", (series_uid,)
             )

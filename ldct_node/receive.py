@@ -74,6 +74,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import IntEnum
 from io import BytesIO
 from typing import Callable, Iterator, NamedTuple
 
@@ -83,6 +84,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.status import Status
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -91,7 +93,9 @@ from .logs import get_logger
 from .observe import Metrics
 from .queue import Queue
 from .pixels import decode_problem
-from .series import BAD_UID, MISMATCH, UNDECODABLE, UNREADABLE, classify, image_problem, is_compressed, uid_problem
+from .series import (
+    BAD_UID, MISMATCH, UNDECODABLE, Verdict, VerdictKind, classify, image_problem, is_compressed, uid_problem,
+)
 from .spool import Spool, SpoolFull
 from .tls import server_context
 
@@ -109,11 +113,15 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE lossless
 )
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-BAD_UIDS = 0xC001
+
+class StoreFailure(IntEnum):
+    """The C-STORE failure statuses the receiver answers (PS3.4 B.2.3; the table above says when)."""
+
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    BAD_UIDS = 0xC001  # in the cannot-understand range: an identifying UID, SOP class or instance
+
 
 ACCEPTED = 0x00  # A-ASSOCIATE Result (PS3.8 §7.1.1.7); 0x01 / 0x02: rejected permanent / transient
 # A-ASSOCIATE-RJ (PS3.8 §9.3.4) as (result, source, reason): rejected-permanent, DICOM UL service-user,
@@ -132,14 +140,12 @@ _LAST_FRAGMENT = 0x02  # PDV message control header bit 1 (PS3.8 §E.2)
 _UID_MAX = 64
 _ARTIM_GRACE_S = 1.0
 _ERROR_COMMENT_MAX = 64  # ErrorComment is LO
-# How series.classify starts its reason for a value that cannot be decoded: that is a broken
-# data set to refuse, not a valid image to leave alone.
 
 
 class Refused(Exception):
     """A C-STORE the node cannot take, with its DIMSE status and a one-line reason."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: StoreFailure, reason: str):
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -149,7 +155,7 @@ class Refused(Exception):
 class Inspected:
     series_uid: str
     sop_uid: str
-    ignore_reason: str | None  # None: an axial CT image to spool and denoise
+    ignored: Verdict | None  # None: an axial CT image to spool and denoise
 
 
 @dataclass
@@ -412,7 +418,11 @@ def is_allowed(allowed: tuple[AllowedPeer, ...], ae_title: str, host: str) -> bo
 
 
 # The failure status for each kind of series.Problem.
-PROBLEM_STATUS = {MISMATCH: DATASET_MISMATCH, UNDECODABLE: CANNOT_UNDERSTAND, BAD_UID: BAD_UIDS}
+PROBLEM_STATUS = {
+    MISMATCH: StoreFailure.DATASET_MISMATCH,
+    UNDECODABLE: StoreFailure.CANNOT_UNDERSTAND,
+    BAD_UID: StoreFailure.BAD_UIDS,
+}
 
 
 def check_pixels(ds: Dataset) -> None:
@@ -432,10 +442,10 @@ def check_codestream(ds: Dataset) -> None:
     if is_compressed(ds):
         problem = decode_problem(ds)
         if problem is not None:
-            raise Refused(CANNOT_UNDERSTAND, problem)
+            raise Refused(StoreFailure.CANNOT_UNDERSTAND, problem)
 
 
-def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], str | None]) -> Inspected:
+def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], Verdict | None]) -> Inspected:
     """Parse an encoded instance (with file meta) enough to spool it, or raise Refused."""
     try:
         ds = pydicom.dcmread(BytesIO(raw))
@@ -446,36 +456,32 @@ def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], str
                           ("SOPInstanceUID", sop_uid)):
             found = uid_problem(uid)
             if found:
-                raise Refused(BAD_UIDS, f"{name} {found}")
+                raise Refused(StoreFailure.BAD_UIDS, f"{name} {found}")
         if sop_uid != affected_sop_uid:
-            raise Refused(BAD_UIDS, "SOPInstanceUID differs from the request's Affected SOP Instance UID")
+            raise Refused(StoreFailure.BAD_UIDS, "SOPInstanceUID differs from the request's Affected SOP Instance UID")
         # A data set cut short loses its SOPClassUID; any other value contradicts the negotiated class.
         if sop_class != CTImageStorage:
-            raise Refused(BAD_UIDS, "SOPClassUID missing or not CT Image Storage")
+            raise Refused(StoreFailure.BAD_UIDS, "SOPClassUID missing or not CT Image Storage")
         check_pixels(ds)
-        reason = classify(ds)
-        if reason is not None and reason.startswith(UNREADABLE):
-            raise Refused(CANNOT_UNDERSTAND, reason)
-        if reason is None:
+        verdict = classify(ds)
+        if verdict is not None and verdict.kind is VerdictKind.UNREADABLE:
+            # A value that cannot be decoded: a broken data set to refuse, not a valid image to leave alone.
+            raise Refused(StoreFailure.CANNOT_UNDERSTAND, verdict.reason)
+        if verdict is None:
             # Only what is kept is decoded: a scout or other image left alone costs no decode.
             check_codestream(ds)
     except Refused:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types, some only when a value is read
-        raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(exc).__name__}") from None
-    return Inspected(series_uid, sop_uid, reason)
+        raise Refused(StoreFailure.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(exc).__name__}") from None
+    return Inspected(series_uid, sop_uid, verdict)
 
 
-def status_dataset(status: int, comment: str) -> Dataset:
+def status_dataset(status: StoreFailure, comment: str) -> Dataset:
     rsp = Dataset()
     rsp.Status = status
     rsp.ErrorComment = comment[:_ERROR_COMMENT_MAX]
     return rsp
-
-
-def reason_label(reason: str) -> str:
-    """A bounded metric label from a classify reason: the part before any parenthesised detail."""
-    return reason.split(" (")[0]
 
 
 class Receiver:
@@ -486,7 +492,7 @@ class Receiver:
         settings: ReceiveSettings,
         spool: Spool,
         queue: Queue,
-        classify: Callable[[Dataset], str | None] = classify,
+        classify: Callable[[Dataset], Verdict | None] = classify,
         metrics: Metrics | None = None,
     ):
         self.settings = settings
@@ -527,7 +533,7 @@ class Receiver:
             (evt.EVT_ABORTED, lambda event: self._ended(event.assoc, "aborted")),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_DIMSE_RECV, self._on_dimse),
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_ECHO, lambda event: Status.SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
         ae = self._make_ae()
@@ -565,14 +571,14 @@ class Receiver:
             try:
                 spooled = self.spool.write_instance(found.series_uid, found.sop_uid, raw)
             except SpoolFull as exc:
-                raise Refused(OUT_OF_RESOURCES, exc.strerror or "spool full") from None
+                raise Refused(StoreFailure.OUT_OF_RESOURCES, exc.strerror or "spool full") from None
             except OSError as exc:
-                raise Refused(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
+                raise Refused(StoreFailure.OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
             try:
                 self.queue.add_instance(found.series_uid, found.sop_uid, spooled.path)
             except sqlite3.Error as exc:
                 # The file is safe in the spool and is re-indexed at the next start; the sender retries.
-                raise Refused(OUT_OF_RESOURCES, f"queue database unavailable: {exc}") from None
+                raise Refused(StoreFailure.OUT_OF_RESOURCES, f"queue database unavailable: {exc}") from None
 
     def _audit(self, assoc: Association) -> AssociationAudit | None:
         with self._audits_lock:
@@ -713,16 +719,17 @@ class Receiver:
         counted = audit.instances if audit is not None else Counter()
         try:
             if not self.spool.has_room():
-                raise Refused(OUT_OF_RESOURCES, f"spool has less than {self.spool.min_free_bytes} bytes free")
+                raise Refused(StoreFailure.OUT_OF_RESOURCES,
+                              f"spool has less than {self.spool.min_free_bytes} bytes free")
             raw = event.encoded_dataset(include_meta=True)
             found = inspect(raw, affected, self.classify)
-            if found.ignore_reason is not None:
-                log.info("instance ignored", reason=found.ignore_reason, calling_ae=calling,
+            if found.ignored is not None:
+                log.info("instance ignored", reason=found.ignored.reason, calling_ae=calling,
                          series_uid=found.series_uid, sop_uid=found.sop_uid)
                 counted["ignored"] += 1
                 if self.metrics:
-                    self.metrics.ignored.labels(reason_label(found.ignore_reason)).inc()
-                return SUCCESS
+                    self.metrics.ignored.labels(found.ignored.label).inc()
+                return Status.SUCCESS
             self.store(found, raw)
         except Refused as exc:
             log.warning("instance refused", status=f"0x{exc.status:04X}", reason=exc.reason, calling_ae=calling,
@@ -734,5 +741,5 @@ class Receiver:
         counted["stored"] += 1
         if self.metrics:
             self.metrics.received.inc()
-        return SUCCESS
+        return Status.SUCCESS
 

@@ -17,18 +17,20 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Callable
 
 import pydicom
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.status import Status
 
 from .config import Destination, SendSettings
 from .logs import get_logger
 from .observe import Metrics
 from .tls import client_context
-from .queue import DONE, FAILED, DueDelivery, Queue, RetryPolicy
+from .queue import FINISHED, DueDelivery, Queue, RetryPolicy, SeriesState
 
 log = get_logger(__name__)
 
@@ -36,7 +38,16 @@ log = get_logger(__name__)
 # exactly the transfer syntaxes the files are written in, so the accepted context always matches.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
-WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+
+class StoreWarning(IntEnum):
+    """C-STORE warning statuses (PS3.4 B.2.3): the destination stored the instance, with a remark."""
+
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    ELEMENTS_DISCARDED = 0xB006
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+
+
+WARNING_STATUSES = frozenset(StoreWarning)
 
 
 class SendError(Exception):
@@ -52,7 +63,7 @@ class SendResult:
 
 def status_stored(status: int) -> bool:
     """A C-STORE response status that means the destination has the instance."""
-    return status == 0x0000 or status in WARNING_STATUSES
+    return status == Status.SUCCESS or status in WARNING_STATUSES
 
 
 def retry_policy(settings: SendSettings) -> RetryPolicy:
@@ -123,7 +134,7 @@ def send_series(files: list[Path], destination: Destination, settings: SendSetti
             if not status_stored(int(status)):
                 comment = rsp.get("ErrorComment", "")
                 raise SendError(f"C-STORE of {path.stem} answered 0x{int(status):04X} {comment}".strip())
-            warnings += int(status) != 0
+            warnings += int(status) != Status.SUCCESS
             sent += 1
     finally:
         if assoc.is_established:
@@ -154,7 +165,7 @@ class Sender(threading.Thread):
     """Runs due deliveries one at a time, until stopped."""
 
     def __init__(self, queue: Queue, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None,
-                 on_finished: Callable[[str, str], None] | None = None):
+                 on_finished: Callable[[str, SeriesState], None] | None = None):
         super().__init__(name="ldct-sender", daemon=True)
         self.queue = queue
         self.settings = settings
@@ -177,7 +188,7 @@ class Sender(threading.Thread):
             if not due:
                 self.stopping.wait(self.poll_interval_s)
 
-    def deliver(self, delivery: DueDelivery) -> str:
+    def deliver(self, delivery: DueDelivery) -> SeriesState:
         """One attempt for one (series, destination); returns the series state afterwards."""
         destination = self._destinations.get(delivery.destination)
         files = sorted(delivery.outbox.glob("*.dcm"))
@@ -200,7 +211,7 @@ class Sender(threading.Thread):
         state = self.queue.delivered(delivery.series_uid, delivery.destination, result.sent)
         return self._settled(delivery.series_uid, state)
 
-    def _failed(self, delivery: DueDelivery, reason: str, bound) -> str:
+    def _failed(self, delivery: DueDelivery, reason: str, bound) -> SeriesState:
         outcome = self.queue.delivery_failed(delivery.series_uid, delivery.destination, reason,
                                              retry_policy(self.settings))
         retry = {} if outcome.gave_up else {"next_attempt_in_s": round(outcome.next_attempt_at - time.time(), 1)}
@@ -210,7 +221,7 @@ class Sender(threading.Thread):
             self.metrics.send_retries.inc()
         return self._settled(delivery.series_uid, outcome.series_state)
 
-    def _settled(self, series_uid: str, state: str) -> str:
-        if state in (DONE, FAILED) and self.on_finished:
+    def _settled(self, series_uid: str, state: SeriesState) -> SeriesState:
+        if state in FINISHED and self.on_finished:
             self.on_finished(series_uid, state)
         return state

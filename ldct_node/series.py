@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,27 @@ _DEFER_SIZE = 1024
 
 # The label of every reason for a file that cannot be parsed; the receiver refuses those (0xC000).
 UNREADABLE = "unreadable DICOM"
+
+
+class VerdictKind(Enum):
+    """Why classify leaves a data set alone."""
+
+    IGNORE = "ignore"  # a valid object that is not an axial CT image to denoise: answered success, not stored
+    UNREADABLE = "unreadable"  # a value that cannot be decoded: a broken data set, refused (0xC000)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """classify's answer for a data set the node does not denoise."""
+
+    kind: VerdictKind
+    label: str  # short and from a fixed set: the metric label (ldct_instances_ignored_total{reason})
+    detail: str | None = None  # what this data set holds instead (SOP class, ImageType, orientation, error)
+
+    @property
+    def reason(self) -> str:
+        """The one line logs and reports show: the label, then the detail in parentheses."""
+        return f"{self.label} ({self.detail})" if self.detail else self.label
 
 
 # What is wrong with a CT image the node cannot use, by the failure status the receiver answers for it
@@ -173,33 +195,37 @@ def _image_type(ds: pydicom.Dataset) -> list[str]:
     return [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
 
 
-def classify(ds: pydicom.Dataset) -> str | None:
-    """None for an axial CT image to denoise, else a short reason why it is left alone; never raises."""
+def classify(ds: pydicom.Dataset) -> Verdict | None:
+    """None for an axial CT image to denoise, else the Verdict why it is left alone; never raises."""
     try:
         return _classify(ds)
     except Exception as exc:  # noqa: BLE001 - a malformed value is a reason to skip, not a crash of the receiver
-        return f"{UNREADABLE} ({type(exc).__name__}: {exc})"
+        return Verdict(VerdictKind.UNREADABLE, UNREADABLE, f"{type(exc).__name__}: {exc}")
 
 
-def _classify(ds: pydicom.Dataset) -> str | None:
+def _ignore(label: str, detail: str | None = None) -> Verdict:
+    return Verdict(VerdictKind.IGNORE, label, detail)
+
+
+def _classify(ds: pydicom.Dataset) -> Verdict | None:
     """classify's rules in order; may raise on malformed values."""
     if is_own_output(ds):
-        return "ldct-node output (loop guard)"
+        return _ignore("ldct-node output", "loop guard")
     sop_class = _sop_class(ds)
     if sop_class != CTImageStorage:
         name = getattr(sop_class, "name", None) or sop_class or "none"
-        return f"not a CT image (SOP class {name}, modality {ds.get('Modality') or 'none'})"
+        return _ignore("not a CT image", f"SOP class {name}, modality {ds.get('Modality') or 'none'}")
     image_type = _image_type(ds)
     if "LOCALIZER" in image_type:
-        return "localizer"
+        return _ignore("localizer")
     if image_type[:2] != ["ORIGINAL", "PRIMARY"]:
         shown = "\\".join(image_type) or "none"
-        return f"not an original/primary image (ImageType {shown})"
+        return _ignore("not an original/primary image", f"ImageType {shown}")
     if "PixelData" not in ds:
-        return "no pixel data"
+        return _ignore("no pixel data")
     if not is_axial(ds):
         orientation = "\\".join(str(v) for v in ds.get("ImageOrientationPatient", [])) or "none"
-        return f"not axial (orientation {orientation})"
+        return _ignore("not axial", f"orientation {orientation}")
     return None
 
 
@@ -265,9 +291,12 @@ def read_instance(path: Path) -> Instance | Skipped:
     except Exception as exc:  # noqa: BLE001 - any parser failure is a damaged file, reported, never raised
         return Skipped(path, f"{UNREADABLE} ({type(exc).__name__}: {exc})")
     try:
-        reason = damage(path, ds) or classify(ds)
-        if reason:
-            return Skipped(path, reason)
+        damaged = damage(path, ds)
+        if damaged:
+            return Skipped(path, damaged)
+        verdict = classify(ds)
+        if verdict:
+            return Skipped(path, verdict.reason)
         problem = image_problem(ds)
         if problem:
             return Skipped(path, problem.reason)

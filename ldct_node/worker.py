@@ -36,7 +36,7 @@ from .durable import DATA_DIR_MODE, private_dir
 from .logs import get_logger, one_line
 from .observe import Metrics
 from .process import SeriesResult, denoise_series, output_series_uid
-from .queue import DONE, FAILED, KEPT_IN_OUTBOX, Job, Queue
+from .queue import FINISHED, KEPT_IN_OUTBOX, Job, Queue, SeriesState
 from .spool import Spool
 
 log = get_logger(__name__)
@@ -122,7 +122,7 @@ class Worker(threading.Thread):
         destinations: list[str],
         poll_interval_s: float,
         metrics: Metrics | None = None,
-        on_finished: Callable[[str, str], None] | None = None,
+        on_finished: Callable[[str, SeriesState], None] | None = None,
         disk_full_retry_s: float = 60.0,
     ):
         super().__init__(name="ldct-worker", daemon=True)
@@ -155,7 +155,7 @@ class Worker(threading.Thread):
         self.process(job)
         return True
 
-    def process(self, job: Job) -> str:
+    def process(self, job: Job) -> SeriesState:
         bound = log.bind(series_uid=job.series_uid, run=job.run, instances=len(job.sources))
         bound.info("denoising series")
         try:
@@ -169,7 +169,7 @@ class Worker(threading.Thread):
             if full is not None:
                 return self._wait_for_space(job, full, bound)
             self.waiting_for_space = None
-            return self._finish(job, FAILED, one_line(exc), bound)
+            return self._finish(job, SeriesState.FAILED, one_line(exc), bound)
         finally:
             if self.metrics:
                 self.metrics.series_progress(0, 0)  # no series in progress: a stale total would look stuck
@@ -182,7 +182,7 @@ class Worker(threading.Thread):
         if not result.files:
             # Every instance set aside means the sender was answered success for a series that will
             # never reach PACS: failed, so the operator sees it, not done.
-            return self._finish(job, FAILED if set_aside else DONE,
+            return self._finish(job, SeriesState.FAILED if set_aside else SeriesState.DONE,
                                 f"nothing to denoise ({len(result.skipped)} instances set aside)", bound.bind(**shown), set_aside)
         # Processors other than EngineProcessor (tests' fakes) may not measure fidelity.
         fidelity, failure = getattr(result, "fidelity", None), getattr(result, "fidelity_failure", None)
@@ -193,7 +193,7 @@ class Worker(threading.Thread):
                 self.metrics.series_fidelity(fidelity, failed=failure is not None)
         if failure:
             shutil.rmtree(out_dir, ignore_errors=True)
-            return self._finish(job, FAILED, f"{failure} (not sent)", bound.bind(**measures))
+            return self._finish(job, SeriesState.FAILED, f"{failure} (not sent)", bound.bind(**measures))
         state = self.queue.denoised(
             job.series_uid, result.derived_series_uid, out_dir, len(result.files), len(result.skipped),
             result.seconds, self.destinations, set_aside=set_aside,
@@ -203,11 +203,11 @@ class Worker(threading.Thread):
         bound.info("series denoised", derived_series_uid=result.derived_series_uid, slices=len(result.files),
                    skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **kept, **measures,
                    **shown)
-        if state == DONE:
-            self._finished(job.series_uid, DONE)
+        if state == SeriesState.DONE:
+            self._finished(job.series_uid, SeriesState.DONE)
         return state
 
-    def _wait_for_space(self, job: Job, error: OSError, bound) -> str:
+    def _wait_for_space(self, job: Job, error: OSError, bound) -> SeriesState:
         # A partial output only holds space that the next try (of any series) needs.
         shutil.rmtree(self.outbox_root / self.processor.output_series_uid(job.series_uid), ignore_errors=True)
         reason = (f"outbox volume full ({error.strerror or 'no space left'}): waiting,"
@@ -217,14 +217,15 @@ class Worker(threading.Thread):
         bound.warning("series waits for disk space", reason=reason)
         return self.queue.requeue(job.series_uid, reason)
 
-    def _finish(self, job: Job, state: str, reason: str, bound, set_aside: list[tuple[str, str]] = ()) -> str:
-        (bound.error if state == FAILED else bound.info)("series finished", state=state, reason=reason)
+    def _finish(self, job: Job, state: SeriesState, reason: str, bound,
+                set_aside: list[tuple[str, str]] = ()) -> SeriesState:
+        (bound.error if state == SeriesState.FAILED else bound.info)("series finished", state=state, reason=reason)
         after = self.queue.finish(job.series_uid, state, reason, set_aside=set_aside)
         self._finished(job.series_uid, after)
         return after
 
-    def _finished(self, series_uid: str, state: str) -> None:
-        if state in (DONE, FAILED) and self.on_finished:
+    def _finished(self, series_uid: str, state: SeriesState) -> None:
+        if state in FINISHED and self.on_finished:
             self.on_finished(series_uid, state)
 
 
@@ -237,7 +238,7 @@ def remove_delivered(queue: Queue, spool: Spool, keep_days: float, now: float | 
     for row in queue.finished_before(now - keep_days * SECONDS_PER_DAY):
         with spool.series_lock(row.series_uid):
             current = queue.series(row.series_uid)
-            if current is None or current.state != DONE or current.cleaned_at is not None:
+            if current is None or current.state != SeriesState.DONE or current.cleaned_at is not None:
                 continue  # a new run started meanwhile; its files are needed
             spooled = spool.series_dir(row.series_uid)
             removed = {"spool_removed": str(spooled), "spool_files": count_files(spooled)}

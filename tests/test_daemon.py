@@ -30,7 +30,7 @@ from ldct_node.config import (
 )
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
 from ldct_node.process import derivation_for
-from ldct_node.queue import DONE, FAILED, KEPT_IN_OUTBOX, QUEUED, SENDING, Queue
+from ldct_node.queue import KEPT_IN_OUTBOX, Queue, SeriesState
 from ldct_node.spool import Spool
 from ldct_node.worker import Worker, disk_full, remove_delivered
 from tests import peers
@@ -108,7 +108,7 @@ def test_series_is_denoised_delivered_under_new_uids_and_its_files_removed(nodes
     series = ct_series(3, rows=16, columns=16)
     uid = series[0].SeriesInstanceUID
     assert send(node, series) == [0, 0, 0]
-    row = wait_state(node.queue, uid, DONE)
+    row = wait_state(node.queue, uid, SeriesState.DONE)
     assert len(pacs.stored) == 3 and not {ds.SOPInstanceUID for ds in series} & set(pacs.stored)
     assert pacs.associations == 1
     assert row.derived_series_uid and row.derived_series_uid != uid
@@ -124,7 +124,7 @@ def test_without_destination_the_result_is_kept_in_the_outbox(nodes, tiny_weight
     node = nodes(config(tmp_path, tiny_weights))
     series = ct_series(2, rows=16, columns=16)
     send(node, series)
-    row = wait_state(node.queue, series[0].SeriesInstanceUID, DONE)
+    row = wait_state(node.queue, series[0].SeriesInstanceUID, SeriesState.DONE)
     time.sleep(node.cfg.queue.poll_interval_s * 3)  # retention has had its turns
     assert row.reason == KEPT_IN_OUTBOX
     kept = sorted(Path(row.outbox).glob("*.dcm"))
@@ -143,7 +143,7 @@ def test_healthz_and_metrics_report_the_node(nodes, tiny_weights, tmp_path):
     node = nodes(config(tmp_path, tiny_weights))
     series = ct_series(2, rows=16, columns=16)
     send(node, series)
-    wait_state(node.queue, series[0].SeriesInstanceUID, DONE)
+    wait_state(node.queue, series[0].SeriesInstanceUID, SeriesState.DONE)
     status, body = http_get(node, "/healthz")
     health = json.loads(body)
     assert status == 200 and health["ok"] and health["receiver_up"] and health["worker_alive"]
@@ -183,9 +183,9 @@ def test_a_sop_instance_uid_reused_by_a_second_series_leaves_the_first_whole(nod
         assert send(node, first) == [0, 0, 0]
         assert send(node, [second]) == [0]
     assert [e for e in logs if e["event"] == "SOP Instance UID reused in another series, kept in both"]
-    done = wait_state(node.queue, first[0].SeriesInstanceUID, DONE)
+    done = wait_state(node.queue, first[0].SeriesInstanceUID, SeriesState.DONE)
     assert (done.instances, done.slices, done.reason) == (3, 3, None)
-    assert wait_state(node.queue, second.SeriesInstanceUID, DONE).slices == 1
+    assert wait_state(node.queue, second.SeriesInstanceUID, SeriesState.DONE).slices == 1
     assert len(set(pacs.stored)) == 4  # four distinct derived instances: neither replaces the other in PACS
 
 
@@ -204,7 +204,7 @@ def test_a_destination_down_past_the_old_five_tries_gets_the_series_once_it_is_b
                and node.queue.series(uid).deliveries[0].attempts >= 6):
         assert time.monotonic() < deadline, node.queue.series(uid)
         time.sleep(0.05)
-    assert node.queue.series(uid).state == SENDING
+    assert node.queue.series(uid).state == SeriesState.SENDING
     samples = metric_samples(node)
     assert samples[("ldct_deliveries_pending", (("destination", "pacs"),))] == 1
     assert samples[("ldct_delivery_next_attempt_timestamp_seconds", (("destination", "pacs"),))] > time.time() - 5
@@ -213,7 +213,7 @@ def test_a_destination_down_past_the_old_five_tries_gets_the_series_once_it_is_b
     assert "pacs=pending/" in line and " next " in line and "could not be reached" in line
     pacs = Pacs(port=port)
     try:
-        wait_state(node.queue, uid, DONE)
+        wait_state(node.queue, uid, SeriesState.DONE)
         assert len(pacs.stored) == 2
     finally:
         pacs.stop()
@@ -241,13 +241,13 @@ def test_a_full_outbox_keeps_the_series_queued_says_why_and_heals_when_space_ret
         assert time.monotonic() < deadline, node.queue.series(uid)
         time.sleep(0.05)
     row = node.queue.series(uid)
-    assert row.state == QUEUED, row.reason
+    assert row.state == SeriesState.QUEUED, row.reason
     assert row.reason == "outbox volume full (No space left on device): waiting, trying again every 0.3 s"
     status, body = http_get(node, "/healthz")
     assert status == 503 and json.loads(body)["degraded"] == [row.reason]
     assert not list((tmp_path / "data" / "outbox").rglob("*.dcm"))
     disk["full"] = False
-    row = wait_state(node.queue, uid, DONE)
+    row = wait_state(node.queue, uid, SeriesState.DONE)
     assert row.slices == 2
     status, body = http_get(node, "/healthz")
     assert status == 200 and json.loads(body)["degraded"] == []
@@ -302,7 +302,7 @@ def test_a_damaged_queue_database_is_moved_aside_and_rebuilt_from_the_spool(tmp_
         assert aside.name.startswith("queue.sqlite3.damaged-") and aside.read_bytes() == damaged
         assert "\n" not in line["error"]
         for series in range(20):
-            wait_state(node.queue, f"1.{series}", DONE)
+            wait_state(node.queue, f"1.{series}", SeriesState.DONE)
         assert {row.instances for row in node.queue.jobs()} == {10}
     finally:
         node.stop()
@@ -331,7 +331,7 @@ def test_restart_requeues_a_series_cut_off_mid_denoise(nodes, pacs, tiny_weights
     first.receiver.stop()
     first.queue.close()
     node = nodes(cfg)
-    wait_state(node.queue, uid, DONE)
+    wait_state(node.queue, uid, SeriesState.DONE)
     assert len(pacs.stored) == 2
 
 
@@ -367,9 +367,9 @@ def test_a_failing_series_fails_with_a_one_line_reason_and_the_worker_goes_on(tm
     queue.promote_quiet(0, now=1)
     worker = Worker(queue, FakeProcessor(broken={"1.1"}), tmp_path / "outbox", [], 0.05)
     assert worker.step() and worker.step()
-    assert queue.series("1.1").state == FAILED
+    assert queue.series("1.1").state == SeriesState.FAILED
     assert queue.series("1.1").reason == "ValueError: cannot read slice 3: truncated"
-    assert queue.series("2.2").state == DONE
+    assert queue.series("2.2").state == SeriesState.DONE
     assert not worker.step()
     queue.close()
 
@@ -475,17 +475,17 @@ def test_queue_command_lists_retries_and_purges(tmp_path, capsys):
     queue.add_instance("1.1", "1.1.1", spool_file)
     queue.promote_quiet(0)
     queue.claim_next()
-    queue.finish("1.1", FAILED, "ValueError: broken")
+    queue.finish("1.1", SeriesState.FAILED, "ValueError: broken")
     queue.close()
 
     assert cli.main(["queue", "list", "--json", "--config", str(config_path)]) == 0
     (job,) = json.loads(capsys.readouterr().out)
-    assert (job["series_uid"], job["state"], job["reason"]) == ("1.1", FAILED, "ValueError: broken")
+    assert (job["series_uid"], job["state"], job["reason"]) == ("1.1", SeriesState.FAILED, "ValueError: broken")
     assert cli.main(["queue", "retry", "--all-failed", "--config", str(config_path)]) == 0
-    assert capsys.readouterr().out.strip() == f"1.1: {QUEUED}"
+    assert capsys.readouterr().out.strip() == f"1.1: {SeriesState.QUEUED}"
     assert cli.main(["queue", "retry", "1.1", "--config", str(config_path)]) == 2
     assert "only failed series" in capsys.readouterr().err
-    assert cli.main(["queue", "purge", "--state", QUEUED, "--config", str(config_path)]) == 0
+    assert cli.main(["queue", "purge", "--state", SeriesState.QUEUED, "--config", str(config_path)]) == 0
     assert not spool_file.exists()
     assert cli.main(["queue", "list", "--config", str(config_path)]) == 0
     assert capsys.readouterr().out.strip().endswith("no jobs")
@@ -505,7 +505,7 @@ def test_queue_list_shows_the_instance_count_after_retention_removed_the_files(t
     queue.close()
     assert cli.main(["queue", "list", "--config", str(config_path)]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row.split()[:4] == ["1.1", DONE, "1", "3"]
+    assert row.split()[:4] == ["1.1", SeriesState.DONE, "1", "3"]
 
 
 def test_echo_command_checks_each_destination(tmp_path, pacs, capsys):
@@ -590,7 +590,7 @@ def test_one_unusable_slice_is_set_aside_and_the_rest_of_its_series_is_delivered
         spooled = node.spool.write_instance(uid, bad.SOPInstanceUID, spoil(bad, tmp_path))
         node.queue.add_instance(uid, bad.SOPInstanceUID, spooled.path)
         assert send(node, good) == [0] * (count - 1)
-        row = wait_state(node.queue, uid, DONE)
+        row = wait_state(node.queue, uid, SeriesState.DONE)
     derivation, root = derivation_for(node.processor.engine, node.cfg.derive), node.cfg.derive.uid_root
     assert sorted(pacs.stored) == sorted(derive.derived_sop_uid(ds.SeriesInstanceUID, ds.SOPInstanceUID, derivation, root) for ds in good)
     ((set_aside),) = row.set_aside
@@ -609,5 +609,5 @@ def test_a_series_whose_every_slice_is_set_aside_fails_with_the_reason(nodes, pa
     uid = bad.SeriesInstanceUID
     spooled = node.spool.write_instance(uid, bad.SOPInstanceUID, slope_zero(bad, tmp_path))
     node.queue.add_instance(uid, bad.SOPInstanceUID, spooled.path)
-    row = wait_state(node.queue, uid, FAILED)
+    row = wait_state(node.queue, uid, SeriesState.FAILED)
     assert row.reason == "nothing to denoise (1 instances set aside)" and pacs.stored == []

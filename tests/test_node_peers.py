@@ -25,7 +25,7 @@ from ldct_node.config import load_config
 from ldct_node.denoise import DenoiseEngine
 from ldct_node.derive import derived_sop_uid
 from ldct_node.process import derivation_for, output_series_uid
-from ldct_node.queue import DENOISING, DONE, FAILED, SENDING, Queue
+from ldct_node.queue import Queue, SeriesState
 from tests import peers, synthetic
 
 pytestmark = pytest.mark.timeout(300)
@@ -136,7 +136,7 @@ def wait_done(node: peers.Node, source_uid: str, slices: int) -> None:
     every C-STORE, so storescp has finished writing each file (it answers only after the write)."""
     def done() -> bool:
         row = jobs(node).get(source_uid)
-        return bool(row and row.state == DONE and row.slices == slices)
+        return bool(row and row.state == SeriesState.DONE and row.slices == slices)
 
     wait_for(done, f"{slices} slices of the series to be delivered", node)
 
@@ -255,7 +255,8 @@ def test_kill_during_denoise_then_restart_delivers_the_same_uids(make_node, stor
     series_uid, sop_uids = expected_uids(node, sources)
 
     send_ok(sources, node)
-    wait_for(lambda: job_state(node, src_uid) == DENOISING, "the worker to start denoising", node, poll_s=0.02)
+    wait_for(lambda: job_state(node, src_uid) == SeriesState.DENOISING, "the worker to start denoising", node,
+             poll_s=0.02)
     node.kill()
     assert not storescp.received()
 
@@ -273,7 +274,7 @@ def test_kill_during_send_then_restart_delivers_the_same_uids(make_node, tmp_pat
         series_uid, sop_uids = expected_uids(node, sources)
         send_ok(sources, node)
         wait_for(lambda: len(peer.received()) >= 1, "the first derived instance at the slow PACS", node)
-        assert job_state(node, source_series_uid(sources)) == SENDING
+        assert job_state(node, source_series_uid(sources)) == SeriesState.SENDING
         node.kill()
         assert len(peer.received()) < len(sources)
 
@@ -293,7 +294,7 @@ def test_destination_down_then_up_is_delivered_by_retries_and_down_for_good_by_q
     lost = write_series(tmp_path / "lost", 3)
     lost_uid = source_series_uid(lost)
     send_ok(lost, node)
-    wait_for(lambda: job_state(node, lost_uid) == FAILED, "the job to fail after its last try", node)
+    wait_for(lambda: job_state(node, lost_uid) == SeriesState.FAILED, "the job to fail after its last try", node)
     reason = jobs(node)[lost_uid].reason
     assert reason and "PACS_SCP" in reason, reason
 

@@ -9,7 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ldct_node.queue import (
-    DENOISING, DONE, FAILED, KEPT_IN_OUTBOX, PENDING, QUEUED, RECEIVED, SENDING, Queue, QueueError, RetryPolicy,
+    KEPT_IN_OUTBOX, DeliveryState, Queue, QueueError, RetryPolicy, SeriesState,
     backoff_delay, gives_up, outputs_complete,
 )
 from ldct_node.config import SendSettings
@@ -62,21 +62,21 @@ def test_first_instance_creates_a_received_series_and_resends_are_idempotent(que
     add(queue, tmp_path, "1.1")
     add(queue, tmp_path, "1.1", now=T0 + 1)
     row = queue.series(S)
-    assert (row.state, row.instances, row.run, row.last_received_at) == (RECEIVED, 1, 1, T0 + 1)
+    assert (row.state, row.instances, row.run, row.last_received_at) == (SeriesState.RECEIVED, 1, 1, T0 + 1)
 
 
 def test_series_is_queued_only_after_the_quiet_period(queue, tmp_path):
     add(queue, tmp_path, "1.1")
     assert queue.promote_quiet(10, now=T0 + 9.9) == []
     assert queue.promote_quiet(10, now=T0 + 10) == [S]
-    assert queue.series(S).state == QUEUED
+    assert queue.series(S).state == SeriesState.QUEUED
 
 
 def test_instance_for_a_queued_series_sends_it_back_to_waiting(queue, tmp_path):
     add(queue, tmp_path, "1.1")
     queue.promote_quiet(10, now=T0 + 10)
     add(queue, tmp_path, "1.2", now=T0 + 11)
-    assert queue.series(S).state == RECEIVED
+    assert queue.series(S).state == SeriesState.RECEIVED
 
 
 def test_claim_hands_out_the_oldest_queued_series_with_its_existing_files(queue, tmp_path):
@@ -87,7 +87,7 @@ def test_claim_hands_out_the_oldest_queued_series_with_its_existing_files(queue,
     queue.promote_quiet(10, now=T0 + 20)
     job = queue.claim_next(now=T0 + 21)
     assert (job.series_uid, [p.name for p in job.sources]) == (S, ["1.1.dcm"])
-    assert queue.series(S).state == DENOISING
+    assert queue.series(S).state == SeriesState.DENOISING
     assert queue.claim_next(now=T0 + 22).series_uid == "2.2"
     assert queue.claim_next(now=T0 + 23) is None
 
@@ -98,7 +98,7 @@ def test_restart_recovery_requeues_interrupted_denoising_and_leaves_sending_alon
     queue.promote_quiet(10, now=T0 + 10)
     queue.claim_next()
     assert queue.recover() == 1
-    assert (queue.series("3.3").state, queue.series(S).state) == (QUEUED, SENDING)
+    assert (queue.series("3.3").state, queue.series(S).state) == (SeriesState.QUEUED, SeriesState.SENDING)
 
 
 def test_state_survives_closing_and_reopening_the_database(tmp_path):
@@ -106,31 +106,32 @@ def test_state_survives_closing_and_reopening_the_database(tmp_path):
     add(first, tmp_path, "1.1")
     first.close()
     again = Queue(tmp_path / "q.sqlite3")
-    assert again.series(S).state == RECEIVED
+    assert again.series(S).state == SeriesState.RECEIVED
     again.close()
 
 
 def test_denoised_without_destination_is_done_and_kept_in_outbox(queue, tmp_path):
     to_sending(queue, tmp_path, destinations=())
     row = queue.series(S)
-    assert (row.state, row.reason, row.derived_series_uid, row.slices) == (DONE, KEPT_IN_OUTBOX, "9.9", 2)
+    assert (row.state, row.reason, row.derived_series_uid, row.slices) == (SeriesState.DONE, KEPT_IN_OUTBOX, "9.9", 2)
 
 
 def test_delivered_to_every_destination_is_done(queue, tmp_path):
     to_sending(queue, tmp_path, destinations=("a", "b"))
     assert [d.destination for d in queue.due_deliveries(now=T0 + 12)] == ["a", "b"]
-    assert queue.delivered(S, "a", 2) == SENDING
-    assert queue.delivered(S, "b", 2) == DONE
+    assert queue.delivered(S, "a", 2) == SeriesState.SENDING
+    assert queue.delivered(S, "b", 2) == SeriesState.DONE
 
 
 def test_failed_attempt_backs_off_then_gives_up_with_the_reason(queue, tmp_path):
     to_sending(queue, tmp_path)
-    assert queue.delivery_failed(S, "pacs", "refused", THREE_TRIES, now=T0 + 20).series_state == SENDING
+    assert queue.delivery_failed(S, "pacs", "refused", THREE_TRIES, now=T0 + 20).series_state == SeriesState.SENDING
     (delivery,) = queue.series(S).deliveries
-    assert (delivery.state, delivery.attempts, delivery.next_attempt_at) == (PENDING, 1, T0 + 25)
+    assert (delivery.state, delivery.attempts, delivery.next_attempt_at) == (DeliveryState.PENDING, 1, T0 + 25)
     assert queue.due_deliveries(now=T0 + 24) == []
     queue.delivery_failed(S, "pacs", "refused", THREE_TRIES, now=T0 + 25)
-    assert queue.delivery_failed(S, "pacs", "still refused", THREE_TRIES, now=T0 + 35).series_state == FAILED
+    failed = queue.delivery_failed(S, "pacs", "still refused", THREE_TRIES, now=T0 + 35)
+    assert failed.series_state == SeriesState.FAILED
     row = queue.series(S)
     assert row.reason == "pacs: still refused (after 3 attempts)"
 
@@ -138,16 +139,16 @@ def test_failed_attempt_backs_off_then_gives_up_with_the_reason(queue, tmp_path)
 def test_retry_of_a_send_failure_sends_again_when_outputs_are_kept(queue, tmp_path):
     to_sending(queue, tmp_path)
     queue.delivery_failed(S, "pacs", "down", ONE_TRY)
-    assert queue.retry(S) == SENDING
+    assert queue.retry(S) == SeriesState.SENDING
     (delivery,) = queue.series(S).deliveries
-    assert (delivery.state, delivery.attempts) == (PENDING, 0)
+    assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 0)
 
 
 def test_retry_denoises_again_when_outputs_are_gone(queue, tmp_path):
     out = to_sending(queue, tmp_path)
     queue.delivery_failed(S, "pacs", "down", ONE_TRY)
     next(out.iterdir()).unlink()
-    assert queue.retry(S) == QUEUED
+    assert queue.retry(S) == SeriesState.QUEUED
     assert queue.series(S).deliveries == []
 
 
@@ -163,7 +164,7 @@ def test_instance_after_done_opens_a_new_run_of_the_same_series(queue, tmp_path)
     to_sending(queue, tmp_path, destinations=())
     add(queue, tmp_path, "1.5", now=T0 + 100)
     row = queue.series(S)
-    assert (row.state, row.run, row.reason) == (RECEIVED, 2, None)
+    assert (row.state, row.run, row.reason) == (SeriesState.RECEIVED, 2, None)
 
 
 def test_instance_arriving_mid_run_gets_its_own_run_after_this_one(queue, tmp_path):
@@ -171,8 +172,8 @@ def test_instance_arriving_mid_run_gets_its_own_run_after_this_one(queue, tmp_pa
     queue.promote_quiet(10, now=T0 + 10)
     queue.claim_next(now=T0 + 11)
     add(queue, tmp_path, "1.2", now=T0 + 12)
-    assert queue.series(S).state == DENOISING
-    assert queue.finish(S, FAILED, "boom", now=T0 + 13) == RECEIVED
+    assert queue.series(S).state == SeriesState.DENOISING
+    assert queue.finish(S, SeriesState.FAILED, "boom", now=T0 + 13) == SeriesState.RECEIVED
     assert queue.series(S).run == 2
 
 
@@ -228,12 +229,12 @@ def test_a_queue_database_of_an_earlier_version_opens_and_keeps_its_series(tmp_p
         " denoised_at REAL, finished_at REAL, derived_series_uid TEXT, outbox TEXT, slices INTEGER, skipped INTEGER,"
         " denoise_seconds REAL, reason TEXT, cleaned_at REAL, updated_at REAL NOT NULL)")
     db.execute("INSERT INTO series (series_uid, state, first_received_at, last_received_at, updated_at)"
-               " VALUES (?, ?, ?, ?, ?)", (S, RECEIVED, T0, T0, T0))
+               " VALUES (?, ?, ?, ?, ?)", (S, SeriesState.RECEIVED, T0, T0, T0))
     db.commit()
     db.close()
     queue = Queue(path)
     add(queue, tmp_path, "1.1")
-    assert (queue.series(S).state, queue.series(S).instances) == (RECEIVED, 1)
+    assert (queue.series(S).state, queue.series(S).instances) == (SeriesState.RECEIVED, 1)
     queue.close()
 
 
@@ -305,7 +306,7 @@ def test_the_default_schedule_retries_at_most_five_minutes_apart_for_a_day_befor
         assert outcome.next_attempt_at - now <= 300
         now = outcome.next_attempt_at
     assert attempts[-1] - attempts[0] >= 86400
-    assert queue.series(S).state == FAILED
+    assert queue.series(S).state == SeriesState.FAILED
 
 
 def test_a_delivery_pending_for_give_up_after_s_is_given_up_whatever_its_tries():
@@ -337,7 +338,8 @@ def test_deliveries_of_an_earlier_version_get_a_give_up_clock(tmp_path):
     db.execute("CREATE TABLE deliveries (series_uid TEXT NOT NULL, destination TEXT NOT NULL, state TEXT NOT NULL,"
                " attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, sent INTEGER, error TEXT,"
                " updated_at REAL NOT NULL, PRIMARY KEY (series_uid, destination))")
-    db.execute("INSERT INTO deliveries VALUES (?, 'pacs', ?, 2, ?, NULL, 'down', ?)", (S, PENDING, T0 + 20, T0 + 10))
+    db.execute("INSERT INTO deliveries VALUES (?, 'pacs', ?, 2, ?, NULL, 'down', ?)",
+               (S, DeliveryState.PENDING, T0 + 20, T0 + 10))
     db.commit()
     db.close()
     queue = Queue(path)

@@ -16,13 +16,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import Status
 from structlog.testing import capture_logs
 
 from ldct_node.config import AllowedPeer
 from ldct_node.derive import MANUFACTURER
 from ldct_node.receive import (
-    BAD_UIDS, CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, Receiver, Refused,
-    check_codestream, check_pixels, inspect, is_allowed,
+    TRANSFER_SYNTAXES, Receiver, Refused, StoreFailure, check_codestream, check_pixels, inspect, is_allowed,
 )
 from ldct_node.series import classify
 from tests.synthetic import (
@@ -71,7 +71,7 @@ def spooled_files(receiver: Receiver) -> list[Path]:
 def test_stored_instance_is_spooled_as_sent_and_queued(node):
     receiver = node()
     ds = ct_dataset(rows=16, columns=16)
-    assert store(receiver, ds) == SUCCESS
+    assert store(receiver, ds) == Status.SUCCESS
     (path,) = spooled_files(receiver)
     assert path == receiver.spool.path_for(ds.SeriesInstanceUID, ds.SOPInstanceUID)
     stored = pydicom.dcmread(path)
@@ -101,7 +101,7 @@ def test_other_sop_classes_and_syntaxes_are_not_negotiated(node):
 
 def test_c_echo_answers_success(node):
     assoc = associate(node())
-    assert int(assoc.send_c_echo().Status) == SUCCESS
+    assert int(assoc.send_c_echo().Status) == Status.SUCCESS
     assoc.release()
 
 
@@ -129,14 +129,14 @@ def test_allow_list_matches_ae_title_and_host_when_given(allowed, ae, host, ok):
 
 def test_full_spool_answers_out_of_resources_and_stores_nothing(node):
     receiver = node(min_free_bytes=1 << 60)
-    assert store(receiver, ct_dataset(rows=16, columns=16)) == OUT_OF_RESOURCES
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == StoreFailure.OUT_OF_RESOURCES
     assert spooled_files(receiver) == []
     assert receiver.queue.depth()["received"] == 0
 
 
 def test_ct_without_pixel_data_does_not_match_its_sop_class(node):
     receiver = node()
-    assert store(receiver, without_pixels(rows=16, columns=16)) == DATASET_MISMATCH
+    assert store(receiver, without_pixels(rows=16, columns=16)) == StoreFailure.DATASET_MISMATCH
     assert spooled_files(receiver) == []
 
 
@@ -144,7 +144,7 @@ def test_missing_series_uid_cannot_be_understood(node):
     receiver = node()
     ds = ct_dataset(rows=16, columns=16)
     del ds.SeriesInstanceUID
-    assert store(receiver, ds) == BAD_UIDS
+    assert store(receiver, ds) == StoreFailure.BAD_UIDS
 
 
 @pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom on the broken values
@@ -155,13 +155,13 @@ def test_corrupt_dataset_cannot_be_understood_and_the_node_keeps_serving(node, t
     at = data.index(b"\x08\x00\x16\x00", 200)  # SOPClassUID element of the data set: break its length
     data[at + 6:at + 8] = (0xFFF0).to_bytes(2, "little")
     path.write_bytes(bytes(data))
-    assert store_file(receiver, path, monkeypatch) in (CANNOT_UNDERSTAND, BAD_UIDS)
-    assert store(receiver, ct_dataset(rows=16, columns=16)) == SUCCESS
+    assert store_file(receiver, path, monkeypatch) in (StoreFailure.CANNOT_UNDERSTAND, StoreFailure.BAD_UIDS)
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS
 
 
 def test_localizer_is_answered_success_but_not_spooled(node):
     receiver = node()
-    assert store(receiver, localizer_dataset(rows=16, columns=16)) == SUCCESS
+    assert store(receiver, localizer_dataset(rows=16, columns=16)) == Status.SUCCESS
     assert spooled_files(receiver) == []
 
 
@@ -171,7 +171,7 @@ def test_own_derived_output_routed_back_is_answered_success_and_not_spooled(node
     item = Dataset()
     item.Manufacturer = MANUFACTURER
     ds.ContributingEquipmentSequence = [item]
-    assert store(receiver, ds) == SUCCESS
+    assert store(receiver, ds) == Status.SUCCESS
     assert spooled_files(receiver) == []
     assert receiver.queue.depth()["received"] == 0
 
@@ -192,7 +192,7 @@ def test_compressed_instance_is_spooled_without_reencoding(node, tmp_path, monke
     ds = ct_dataset(rows=16, columns=16)
     ds.compress(RLELossless)
     sent = save(ds, tmp_path / "rle.dcm")
-    assert store_file(receiver, sent, monkeypatch, RLELossless) == SUCCESS
+    assert store_file(receiver, sent, monkeypatch, RLELossless) == Status.SUCCESS
     (path,) = spooled_files(receiver)
     stored = pydicom.dcmread(path)
     assert stored.file_meta.TransferSyntaxUID == RLELossless
@@ -204,7 +204,7 @@ def test_truncated_native_pixel_data_does_not_match():
     ds.PixelData = ds.PixelData[:100]
     with pytest.raises(Refused) as err:
         check_pixels(ds)
-    assert err.value.status == DATASET_MISMATCH
+    assert err.value.status == StoreFailure.DATASET_MISMATCH
 
 
 def test_inspect_refuses_a_sop_uid_that_differs_from_the_request():
@@ -213,8 +213,8 @@ def test_inspect_refuses_a_sop_uid_that_differs_from_the_request():
     ds.save_as(buf, enforce_file_format=True)
     with pytest.raises(Refused) as err:
         inspect(buf.getvalue(), "1.2.3", classify)
-    assert err.value.status == BAD_UIDS
-    assert inspect(buf.getvalue(), ds.SOPInstanceUID, classify).ignore_reason is None
+    assert err.value.status == StoreFailure.BAD_UIDS
+    assert inspect(buf.getvalue(), ds.SOPInstanceUID, classify).ignored is None
 
 
 def test_settings_reach_the_application_entity(node):
@@ -293,7 +293,7 @@ def test_an_association_the_caller_aborts_is_audited_as_aborted(node):
     receiver = node()
     with capture_logs() as logs:
         assoc = associate(receiver)
-        assert int(assoc.send_c_store(ct_dataset(rows=16, columns=16)).Status) == SUCCESS
+        assert int(assoc.send_c_store(ct_dataset(rows=16, columns=16)).Status) == Status.SUCCESS
         assoc.abort()
         (line,) = audit_lines(logs)
     assert (line["accepted"], line["instances_stored"], line["ended"]) == (True, 1, "aborted")
@@ -326,14 +326,15 @@ def multi_frame(ds):
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR")
 @pytest.mark.parametrize(("change", "status", "comment"), [
-    (lambda ds: setattr(ds, "RescaleSlope", "0"), DATASET_MISMATCH, "RescaleSlope is 0"),
-    (lambda ds: setattr(ds, "RescaleSlope", "NaN"), DATASET_MISMATCH, "RescaleSlope is nan"),
-    (lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), DATASET_MISMATCH, "pixel data has 1024 bytes"),
-    (lambda ds: setattr(ds, "SamplesPerPixel", 3), DATASET_MISMATCH, "SamplesPerPixel is 3"),
-    (multi_frame, DATASET_MISMATCH, "NumberOfFrames is 2"),
-    (lambda ds: setattr(ds, "BitsStored", 17), DATASET_MISMATCH, "BitsStored 17 does not fit"),
-    (lambda ds: setattr(ds, "Rows", 0), DATASET_MISMATCH, "image of 0 x 16 pixels"),
-    (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.840.0123.4"), BAD_UIDS, "SeriesInstanceUID has a component"),
+    (lambda ds: setattr(ds, "RescaleSlope", "0"), StoreFailure.DATASET_MISMATCH, "RescaleSlope is 0"),
+    (lambda ds: setattr(ds, "RescaleSlope", "NaN"), StoreFailure.DATASET_MISMATCH, "RescaleSlope is nan"),
+    (lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), StoreFailure.DATASET_MISMATCH, "pixel data has 1024 bytes"),
+    (lambda ds: setattr(ds, "SamplesPerPixel", 3), StoreFailure.DATASET_MISMATCH, "SamplesPerPixel is 3"),
+    (multi_frame, StoreFailure.DATASET_MISMATCH, "NumberOfFrames is 2"),
+    (lambda ds: setattr(ds, "BitsStored", 17), StoreFailure.DATASET_MISMATCH, "BitsStored 17 does not fit"),
+    (lambda ds: setattr(ds, "Rows", 0), StoreFailure.DATASET_MISMATCH, "image of 0 x 16 pixels"),
+    (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.840.0123.4"), StoreFailure.BAD_UIDS,
+     "SeriesInstanceUID has a component"),
 ])
 def test_an_unusable_slice_is_refused_with_its_status_and_nothing_is_spooled(node, change, status, comment):
     receiver = node()
@@ -343,17 +344,17 @@ def test_an_unusable_slice_is_refused_with_its_status_and_nothing_is_spooled(nod
     assoc.release()
     assert (int(rsp.Status), str(rsp.ErrorComment)[:len(comment)]) == (status, comment)
     assert spooled_files(receiver) == [] and receiver.queue.depth()["received"] == 0
-    assert store(receiver, ct_dataset(rows=16, columns=16)) == SUCCESS  # the association's next slice is taken
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS  # the association's next slice is taken
 
 
 def test_a_corrupt_jpeg_ls_codestream_cannot_be_understood(node, tmp_path, monkeypatch):
     receiver = node()
     good = save(ct_dataset(rows=16, columns=16), tmp_path / "good.dcm")
     sent = broken_jpeg_ls(good, tmp_path / "broken.dcm")
-    assert store_file(receiver, sent, monkeypatch, JPEGLSLossless) == CANNOT_UNDERSTAND
+    assert store_file(receiver, sent, monkeypatch, JPEGLSLossless) == StoreFailure.CANNOT_UNDERSTAND
     assert spooled_files(receiver) == []
     assert store_file(receiver, compress_jpeg_ls_lossless(good, tmp_path / "ok.dcm"), monkeypatch,
-                      JPEGLSLossless) == SUCCESS
+                      JPEGLSLossless) == Status.SUCCESS
 
 
 def test_vr_bytes_that_are_no_dicom_vr_cannot_be_understood(node, tmp_path, monkeypatch):
@@ -363,21 +364,21 @@ def test_vr_bytes_that_are_no_dicom_vr_cannot_be_understood(node, tmp_path, monk
     at = data.index(b"\x08\x00\x60\x00CS", 132)  # Modality: a value the receiver itself never reads
     data[at + 4:at + 6] = b"ZZ"
     path.write_bytes(bytes(data))
-    assert store_file(receiver, path, monkeypatch) == CANNOT_UNDERSTAND
+    assert store_file(receiver, path, monkeypatch) == StoreFailure.CANNOT_UNDERSTAND
     assert spooled_files(receiver) == []
 
 
 def test_uncompressed_pixel_data_is_not_decoded_at_receive(node, monkeypatch):
     receiver = node()
     monkeypatch.setattr(Dataset, "pixel_array", property(lambda ds: pytest.fail("native pixels decoded")))
-    assert store(receiver, ct_dataset(rows=16, columns=16)) == SUCCESS
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS
 
 
 def test_a_scout_left_alone_is_not_decoded(node, tmp_path, monkeypatch):
     receiver = node()
     scout = localizer_dataset(rows=16, columns=16)
     sent = broken_jpeg_ls(save(scout, tmp_path / "scout.dcm"), tmp_path / "scout-jls.dcm")
-    assert store_file(receiver, sent, monkeypatch, JPEGLSLossless) == SUCCESS
+    assert store_file(receiver, sent, monkeypatch, JPEGLSLossless) == Status.SUCCESS
     assert spooled_files(receiver) == []
 
 
@@ -387,4 +388,4 @@ def test_check_codestream_leaves_native_pixel_data_alone_and_decodes_compressed(
     check_codestream(pydicom.dcmread(compress_jpeg_ls_lossless(good, tmp_path / "ok.dcm")))
     with pytest.raises(Refused) as err:
         check_codestream(pydicom.dcmread(broken_jpeg_ls(good, tmp_path / "bad.dcm")))
-    assert err.value.status == CANNOT_UNDERSTAND
+    assert err.value.status == StoreFailure.CANNOT_UNDERSTAND

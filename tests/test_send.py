@@ -7,7 +7,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ldct_node.config import Destination, SendSettings
-from ldct_node.queue import DONE, FAILED, PENDING, SENDING, Queue
+from ldct_node.queue import DeliveryState, Queue, SeriesState
 from ldct_node.send import SendError, Sender, echo, send_series, status_stored
 from tests.peers import free_port
 from tests.synthetic import ct_series, write_series
@@ -102,9 +102,9 @@ def test_sender_delivers_due_series_and_marks_it_done(pacs, outbox, tmp_path):
     sender = Sender(queue, SendSettings(destinations=(peer.destination,)), 0.1,
                     on_finished=lambda uid, state: finished.append((uid, state)))
     (due,) = queue.due_deliveries()
-    assert sender.deliver(due) == DONE
+    assert sender.deliver(due) == SeriesState.DONE
     assert queue.series("1.2.3").deliveries[0].sent == 3
-    assert finished == [("1.2.3", DONE)]
+    assert finished == [("1.2.3", SeriesState.DONE)]
     queue.close()
 
 
@@ -114,11 +114,11 @@ def test_sender_backs_off_then_fails_the_series_with_the_reason(pacs, outbox, tm
     settings = SendSettings(destinations=(peer.destination,), attempts=2, backoff_initial_s=60.0, backoff_max_s=60.0)
     sender = Sender(queue, settings, 0.1)
     (due,) = queue.due_deliveries()
-    assert sender.deliver(due) == SENDING
-    assert queue.series("1.2.3").deliveries[0].state == PENDING
+    assert sender.deliver(due) == SeriesState.SENDING
+    assert queue.series("1.2.3").deliveries[0].state == DeliveryState.PENDING
     assert queue.due_deliveries() == []  # backing off
     (due,) = queue.due_deliveries(now=due.attempts + 1e12)
-    assert sender.deliver(due) == FAILED
+    assert sender.deliver(due) == SeriesState.FAILED
     assert "0xC000" in queue.series("1.2.3").reason
     queue.close()
 
@@ -129,7 +129,7 @@ def test_a_series_missing_outputs_is_not_delivered_in_part(pacs, outbox, tmp_pat
     next(outbox.glob("*.dcm")).unlink()
     sender = Sender(queue, SendSettings(destinations=(peer.destination,), attempts=1), 0.1)
     (due,) = queue.due_deliveries()
-    assert sender.deliver(due) == FAILED
+    assert sender.deliver(due) == SeriesState.FAILED
     assert "holds 2 of 3 derived instances" in queue.series("1.2.3").reason
     assert peer.stored == []
     queue.close()
@@ -139,7 +139,7 @@ def test_destination_removed_from_config_fails_the_attempt_with_a_clear_reason(o
     queue = queue_with_sending_series(tmp_path, outbox)
     sender = Sender(queue, SendSettings(attempts=1), 0.1)
     (due,) = queue.due_deliveries()
-    assert sender.deliver(due) == FAILED
+    assert sender.deliver(due) == SeriesState.FAILED
     assert "no longer in send.destinations" in queue.series("1.2.3").reason
     queue.close()
 

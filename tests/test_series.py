@@ -14,8 +14,8 @@ from ldct_node.config import DeriveSettings
 from ldct_node.derive import Derivation, derive_dataset
 from ldct_node.pixels import stored_values
 from ldct_node.series import (
-    BAD_UID, MISMATCH, Instance, Skipped, classify, image_problem, read_instance, scan_files, scan_tree, slice_position,
-    stacks, uid_problem, vr_problem,
+    BAD_UID, MISMATCH, Instance, Skipped, VerdictKind, classify, image_problem, read_instance, scan_files, scan_tree,
+    slice_position, stacks, uid_problem, vr_problem,
 )
 from tests import synthetic
 
@@ -38,20 +38,21 @@ def test_axial_original_ct_image_is_accepted():
 
 
 def test_non_ct_object_is_refused_with_sop_class_and_modality():
-    assert classify(synthetic.mr_dataset(rows=8, columns=8)) == "not a CT image (SOP class MR Image Storage, modality MR)"
+    reason = classify(synthetic.mr_dataset(rows=8, columns=8)).reason
+    assert reason == "not a CT image (SOP class MR Image Storage, modality MR)"
 
 
 def test_localizer_is_refused():
-    assert classify(synthetic.localizer_dataset(rows=8, columns=8)) == "localizer"
+    assert classify(synthetic.localizer_dataset(rows=8, columns=8)).reason == "localizer"
 
 
 def test_localizer_is_refused_even_when_axial():
     ds = synthetic.ct_dataset(rows=8, columns=8, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
-    assert classify(ds) == "localizer"
+    assert classify(ds).reason == "localizer"
 
 
 def test_derived_image_of_another_system_is_refused():
-    reason = classify(synthetic.derived_marker(synthetic.ct_dataset(rows=8, columns=8)))
+    reason = classify(synthetic.derived_marker(synthetic.ct_dataset(rows=8, columns=8))).reason
     assert reason == "not an original/primary image (ImageType DERIVED\\SECONDARY\\AXIAL)"
 
 
@@ -60,7 +61,7 @@ def test_own_output_is_refused_by_the_loop_guard():
     derived = derive_dataset(source, stored_values(source), series_uid="1.2.3", sop_uid="1.2.3.4",
                              derivation=Derivation("m", "1", "f"), settings=DeriveSettings(),
                              created=synthetic.created_at())
-    assert classify(derived) == "ldct-node output (loop guard)"
+    assert classify(derived).reason == "ldct-node output (loop guard)"
 
 
 def test_own_output_is_refused_even_if_pacs_rewrote_image_type():
@@ -69,22 +70,22 @@ def test_own_output_is_refused_even_if_pacs_rewrote_image_type():
                              derivation=Derivation("m", "1", "f"), settings=DeriveSettings(),
                              created=synthetic.created_at())
     derived.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    assert classify(derived) == "ldct-node output (loop guard)"
+    assert classify(derived).reason == "ldct-node output (loop guard)"
 
 
 def test_image_without_pixel_data_is_refused():
-    assert classify(synthetic.without_pixels(rows=8, columns=8)) == "no pixel data"
+    assert classify(synthetic.without_pixels(rows=8, columns=8)).reason == "no pixel data"
 
 
 def test_coronal_reformat_is_refused_as_not_axial():
     ds = synthetic.ct_dataset(rows=8, columns=8, orientation=synthetic.CORONAL)
-    assert classify(ds).startswith("not axial (orientation 1")
+    assert classify(ds).reason.startswith("not axial (orientation 1")
 
 
 def test_missing_orientation_is_refused_as_not_axial():
     ds = synthetic.ct_dataset(rows=8, columns=8)
     del ds.ImageOrientationPatient
-    assert classify(ds) == "not axial (orientation none)"
+    assert classify(ds).reason == "not axial (orientation none)"
 
 
 @pytest.mark.parametrize(("tilt", "accepted"), [(0.0, True), (-15.0, True), (30.0, True), (60.0, False), (90.0, False)])
@@ -97,7 +98,8 @@ def test_malformed_values_give_a_reason_instead_of_raising(tmp_path):
     path = synthetic.save(synthetic.ct_dataset(rows=8, columns=8), tmp_path / "bad.dcm")
     # a ContributingEquipmentSequence whose 4 bytes of content are no sequence item
     path.write_bytes(path.read_bytes() + b"\x18\x00\x01\xa0SQ\x00\x00\x04\x00\x00\x00\x01\x02\x03\x04")
-    assert classify(pydicom.dcmread(path)).startswith("unreadable DICOM (")
+    verdict = classify(pydicom.dcmread(path))
+    assert verdict.kind is VerdictKind.UNREADABLE and verdict.reason.startswith("unreadable DICOM (")
 
 
 def test_slice_position_is_measured_along_the_slice_normal():
