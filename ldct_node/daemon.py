@@ -38,7 +38,8 @@ from .durable import DATA_FILE_MODE, private_dir
 from .errors import CommandError
 from .logs import configure_logging, get_logger
 from .observe import DeliveryBacklog, Health, HttpServer, Metrics
-from .queue import SeriesState, open_queue
+from .polling import PollingThread
+from .queue import Queue, open_queue
 from .receive import Receiver
 from .send import Sender
 from .spool import Spool
@@ -109,6 +110,30 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+class Housekeeper(PollingThread):
+    """Series assembly (quiet series become queued) and retention. Apart from the worker, so that a
+    long denoise neither delays assembly nor stretches the measured quiet period."""
+
+    def __init__(self, queue: Queue, spool: Spool, quiet_period_s: float, keep_days: float, poll_interval_s: float):
+        super().__init__("ldct-housekeeping", poll_interval_s)
+        self.queue = queue
+        self.spool = spool
+        self.quiet_period_s = quiet_period_s
+        self.keep_days = keep_days
+
+    def step(self) -> bool:
+        """One round; always False: what is due is done in one round, the next waits an interval."""
+        try:
+            for uid in self.queue.promote_quiet(self.quiet_period_s):
+                log.info("series complete", series_uid=uid)
+            remove_delivered(self.queue, self.spool, self.keep_days)
+        except (OSError, sqlite3.Error) as exc:
+            # Retention failing (a file held open, permissions) or the database briefly locked by
+            # an admin command must not stop series assembly for good.
+            log.error("housekeeping failed, will try again", error=str(exc))
+        return False
+
+
 class Node:
     """Receiver, worker, sender and HTTP server over one spool and one queue."""
 
@@ -129,20 +154,17 @@ class Node:
         self.receiver = Receiver(cfg.receive, self.spool, self.queue, metrics=self.metrics)
         self.worker = Worker(
             self.queue, self.processor, storage.outbox_dir, [d.name for d in cfg.send.destinations],
-            cfg.queue.poll_interval_s, self.metrics, self._finished, storage.disk_full_retry_s,
+            cfg.queue.poll_interval_s, self.metrics, disk_full_retry_s=storage.disk_full_retry_s,
         )
-        self.sender = Sender(self.queue, cfg.send, cfg.queue.poll_interval_s, self.metrics, self._finished)
-        self.housekeeper = threading.Thread(target=self._housekeeping_loop, name="ldct-housekeeping", daemon=True)
-        self._stopping = threading.Event()
+        self.sender = Sender(self.queue, cfg.send, cfg.queue.poll_interval_s, self.metrics)
+        self.housekeeper = Housekeeper(self.queue, self.spool, cfg.queue.quiet_period_s, storage.keep_days,
+                                       cfg.queue.poll_interval_s)
         self.http = None
 
     def _load_processor(self) -> SeriesProcessor:
         engine = DenoiseEngine.from_path(self.cfg.model.weights, self.cfg.inference)
         log.info("model loaded", model=engine.card.model_id)
         return EngineProcessor(engine, self.cfg.derive, self.cfg.fidelity)
-
-    def _finished(self, series_uid: str, state: SeriesState) -> None:
-        self.metrics.series_finished(state)
 
     def recover(self) -> None:
         requeued = self.queue.recover()
@@ -190,34 +212,18 @@ class Node:
         threads = (self.worker, self.sender, self.housekeeper)
         return self.receiver.is_running and all(t.is_alive() for t in threads)
 
-    def housekeeping(self) -> None:
-        """Series assembly (quiet series become queued) and retention. Apart from the worker, so
-        that a long denoise neither delays assembly nor stretches the measured quiet period."""
-        for uid in self.queue.promote_quiet(self.cfg.queue.quiet_period_s):
-            log.info("series complete", series_uid=uid)
-        remove_delivered(self.queue, self.spool, self.cfg.storage.keep_days)
-
-    def _housekeeping_loop(self) -> None:
-        while not self._stopping.wait(self.cfg.queue.poll_interval_s):
-            try:
-                self.housekeeping()
-            except (OSError, sqlite3.Error) as exc:
-                # Retention failing (a file held open, permissions) or the database briefly locked by
-                # an admin command must not stop series assembly for good.
-                log.error("housekeeping failed, will try again", error=str(exc))
-
     def stop(self) -> None:
         self.receiver.stop()
         if self.http:
             self.http.stop()
-        self._stopping.set()
-        self.worker.stopping.set()
-        self.sender.stopping.set()
+        threads = (self.housekeeper, self.worker, self.sender)
+        for thread in threads:
+            thread.stop()
         deadline = time.monotonic() + self.cfg.queue.stop_timeout_s
-        for thread in (self.housekeeper, self.worker, self.sender):
+        for thread in threads:
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in (self.housekeeper, self.worker, self.sender)):
+        if any(t.is_alive() for t in threads):
             # The database stays open for the thread still working; the process exits under it and
             # the next start redoes that series.
             log.warning("stopped with a series unfinished; it resumes at the next start")

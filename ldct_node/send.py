@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Callable
 
 import pydicom
 from pynetdicom import AE, _config, evt
@@ -29,6 +27,7 @@ from pynetdicom.status import Status
 from .config import Destination, SendSettings
 from .logs import get_logger
 from .observe import Metrics
+from .polling import PollingThread
 from .tls import client_context
 from .queue import FINISHED, DueDelivery, Queue, RetryPolicy, SeriesState
 
@@ -161,32 +160,26 @@ def echo(destination: Destination, settings: SendSettings) -> int | None:
         assoc.release()
 
 
-class Sender(threading.Thread):
+class Sender(PollingThread):
     """Runs due deliveries one at a time, until stopped."""
 
-    def __init__(self, queue: Queue, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None,
-                 on_finished: Callable[[str, SeriesState], None] | None = None):
-        super().__init__(name="ldct-sender", daemon=True)
+    def __init__(self, queue: Queue, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None):
+        super().__init__("ldct-sender", poll_interval_s)
         self.queue = queue
         self.settings = settings
-        self.poll_interval_s = poll_interval_s
         self.metrics = metrics
-        # Called with (series_uid, state) when a series leaves `sending` (retention, metrics).
-        self.on_finished = on_finished
-        self.stopping = threading.Event()
         self._destinations = {d.name: d for d in settings.destinations}
         # Built once, here: an unusable certificate, key or CA file stops the node at start (ConfigError).
         self._contexts = {d.name: tls_args(d)[0] for d in settings.destinations if d.tls is not None}
 
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            due = self.queue.due_deliveries()
-            for delivery in due:
-                if self.stopping.is_set():
-                    return
-                self.deliver(delivery)
-            if not due:
-                self.stopping.wait(self.poll_interval_s)
+    def step(self) -> bool:
+        """Every delivery due now, unless stopped in between. False when none was due."""
+        due = self.queue.due_deliveries()
+        for delivery in due:
+            if self.stopping.is_set():
+                break
+            self.deliver(delivery)
+        return bool(due)
 
     def deliver(self, delivery: DueDelivery) -> SeriesState:
         """One attempt for one (series, destination); returns the series state afterwards."""
@@ -208,8 +201,7 @@ class Sender(threading.Thread):
             return self._failed(delivery, f"{type(exc).__name__}: {exc}", bound)
         bound.info("series delivered", instances=result.sent, warnings=result.warnings,
                    seconds=round(result.seconds, 3))
-        state = self.queue.delivered(delivery.series_uid, delivery.destination, result.sent)
-        return self._settled(delivery.series_uid, state)
+        return self._settled(self.queue.delivered(delivery.series_uid, delivery.destination, result.sent))
 
     def _failed(self, delivery: DueDelivery, reason: str, bound) -> SeriesState:
         outcome = self.queue.delivery_failed(delivery.series_uid, delivery.destination, reason,
@@ -219,9 +211,10 @@ class Sender(threading.Thread):
             "delivery attempt failed", reason=reason, gave_up=outcome.gave_up, **retry)
         if self.metrics and not outcome.gave_up:
             self.metrics.send_retries.inc()
-        return self._settled(delivery.series_uid, outcome.series_state)
+        return self._settled(outcome.series_state)
 
-    def _settled(self, series_uid: str, state: SeriesState) -> SeriesState:
-        if state in FINISHED and self.on_finished:
-            self.on_finished(series_uid, state)
+    def _settled(self, state: SeriesState) -> SeriesState:
+        """The series state after an attempt; counted when the series left `sending` as done or failed."""
+        if self.metrics and state in FINISHED:
+            self.metrics.series_finished(state)
         return state

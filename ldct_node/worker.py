@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -35,6 +34,7 @@ from .denoise import DenoiseEngine
 from .durable import DATA_DIR_MODE, private_dir
 from .logs import get_logger, one_line
 from .observe import Metrics
+from .polling import PollingThread
 from .process import SeriesResult, denoise_series, output_series_uid
 from .queue import FINISHED, KEPT_IN_OUTBOX, Job, Queue, SeriesState
 from .spool import Spool
@@ -113,7 +113,7 @@ def reset_dir(path: Path) -> None:
     path.chmod(DATA_DIR_MODE)
 
 
-class Worker(threading.Thread):
+class Worker(PollingThread):
     def __init__(
         self,
         queue: Queue,
@@ -122,28 +122,18 @@ class Worker(threading.Thread):
         destinations: list[str],
         poll_interval_s: float,
         metrics: Metrics | None = None,
-        on_finished: Callable[[str, SeriesState], None] | None = None,
         disk_full_retry_s: float = 60.0,
     ):
-        super().__init__(name="ldct-worker", daemon=True)
+        super().__init__("ldct-worker", poll_interval_s)
         self.queue = queue
         self.processor = processor
         self.outbox_root = outbox_root
         self.destinations = destinations
-        self.poll_interval_s = poll_interval_s
         self.metrics = metrics
-        # Called with (series_uid, state) when a series ends here as done or failed.
-        self.on_finished = on_finished
         self.disk_full_retry_s = disk_full_retry_s
         # The one-line reason while the outbox volume is full (for /healthz); None when writing works.
         self.waiting_for_space: str | None = None
         self._retry_at = 0.0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            if not self.step():
-                self.stopping.wait(self.poll_interval_s)
 
     def step(self) -> bool:
         """One turn: process one queued series. False when there was nothing to do (or the disk is full)."""
@@ -203,8 +193,7 @@ class Worker(threading.Thread):
         bound.info("series denoised", derived_series_uid=result.derived_series_uid, slices=len(result.files),
                    skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **kept, **measures,
                    **shown)
-        if state == SeriesState.DONE:
-            self._finished(job.series_uid, SeriesState.DONE)
+        self._count(state)  # done here when there is no destination
         return state
 
     def _wait_for_space(self, job: Job, error: OSError, bound) -> SeriesState:
@@ -221,12 +210,13 @@ class Worker(threading.Thread):
                 set_aside: list[tuple[str, str]] = ()) -> SeriesState:
         (bound.error if state == SeriesState.FAILED else bound.info)("series finished", state=state, reason=reason)
         after = self.queue.finish(job.series_uid, state, reason, set_aside=set_aside)
-        self._finished(job.series_uid, after)
+        self._count(after)
         return after
 
-    def _finished(self, series_uid: str, state: SeriesState) -> None:
-        if state in FINISHED and self.on_finished:
-            self.on_finished(series_uid, state)
+    def _count(self, state: SeriesState) -> None:
+        """A run that ended here counts as done or failed; one reopened by new instances counts when that run ends."""
+        if self.metrics and state in FINISHED:
+            self.metrics.series_finished(state)
 
 
 def remove_delivered(queue: Queue, spool: Spool, keep_days: float, now: float | None = None) -> list[str]:

@@ -7,6 +7,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ldct_node.config import Destination, SendSettings
+from ldct_node.observe import Metrics
 from ldct_node.queue import DeliveryState, Queue, SeriesState
 from ldct_node.send import SendError, Sender, echo, send_series, status_stored
 from tests.peers import free_port
@@ -98,13 +99,12 @@ def queue_with_sending_series(tmp_path, outbox) -> Queue:
 def test_sender_delivers_due_series_and_marks_it_done(pacs, outbox, tmp_path):
     peer = pacs()
     queue = queue_with_sending_series(tmp_path, outbox)
-    finished = []
-    sender = Sender(queue, SendSettings(destinations=(peer.destination,)), 0.1,
-                    on_finished=lambda uid, state: finished.append((uid, state)))
+    metrics = Metrics()
+    sender = Sender(queue, SendSettings(destinations=(peer.destination,)), 0.1, metrics)
     (due,) = queue.due_deliveries()
     assert sender.deliver(due) == SeriesState.DONE
     assert queue.series("1.2.3").deliveries[0].sent == 3
-    assert finished == [("1.2.3", SeriesState.DONE)]
+    assert metrics.registry.get_sample_value("ldct_series_done_total") == 1
     queue.close()
 
 
