@@ -30,7 +30,7 @@ from ldct_node.fidelity import (
 )
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.observe import Metrics
-from ldct_node.queue import DONE, FAILED, Queue
+from ldct_node.queue import Queue, SeriesState
 from ldct_node.weights import LoadedModel, ModelCard, save_weights
 from ldct_node.worker import EngineProcessor, Worker
 from tests import synthetic
@@ -231,7 +231,7 @@ def test_worker_fails_a_series_whose_model_adds_20_hu_and_sends_nothing(tmp_path
     with capture_logs() as logs:
         assert worker.step()
     row = queue.series(series_uid)
-    assert row.state == FAILED
+    assert row.state == SeriesState.FAILED
     assert row.reason.startswith("HU fidelity: mean soft-tissue change +20.0 HU exceeds the 3.0 HU limit (not sent)")
     assert "\n" not in row.reason
     assert not row.deliveries
@@ -247,7 +247,7 @@ def test_worker_passes_the_identity_model_and_logs_the_measures(tmp_path):
     worker = Worker(queue, processor(AddHU(0.0)), tmp_path / "outbox", [], 0.05, Metrics())
     with capture_logs() as logs:
         assert worker.step()
-    assert queue.series(series_uid).state == DONE
+    assert queue.series(series_uid).state == SeriesState.DONE
     (denoised,) = [e for e in logs if e["event"] == "series denoised"]
     assert denoised["mean_hu_change"] == 0.0 and denoised["lowpass_p95_hu"] <= HISTOGRAM_BIN_HU
     assert denoised["noise_sd_before"] == pytest.approx(20.0, rel=0.15)  # phantom_hu's noise, 3 small slices

@@ -16,7 +16,7 @@ from ldct_node import durable
 from ldct_node.config import Config, HttpSettings, QueueSettings, ReceiveSettings, StorageSettings
 from ldct_node.daemon import LOCK_FILE, Node, lock_data_dir
 from ldct_node.derive import write_dataset
-from ldct_node.queue import DONE
+from ldct_node.queue import SeriesState
 from tests.synthetic import ct_series
 from tests.test_daemon import wait_state
 
@@ -81,7 +81,7 @@ def test_everything_the_node_creates_is_closed_to_group_and_others(tmp_path):
     node.start()
     try:
         series_uid = store(node, 3)
-        wait_state(node.queue, series_uid, DONE)  # no destination: kept in the outbox
+        wait_state(node.queue, series_uid, SeriesState.DONE)  # no destination: kept in the outbox
         found = modes(top)
         # While the queue is open, SQLite's write-ahead log and shared memory exist next to it.
         assert {"ldct/data/queue.sqlite3-wal", "ldct/data/queue.sqlite3-shm", f"ldct/data/{LOCK_FILE}"} <= set(found)

@@ -10,7 +10,7 @@ from ldct_node.denoise import DenoiseEngine
 from ldct_node.logs import get_logger
 from ldct_node.observe import Metrics
 from ldct_node.process import slice_counter
-from ldct_node.queue import DONE, Queue
+from ldct_node.queue import Queue, SeriesState
 from ldct_node.worker import EngineProcessor, SeriesProgress, Worker
 from tests import synthetic
 from tests.test_daemon import FakeProcessor
@@ -71,6 +71,6 @@ def test_worker_feeds_the_gauges_while_denoising_and_zeroes_them_after(tmp_path)
             return result
 
     assert Worker(queue, Watched(), tmp_path / "outbox", [], 0.05, metrics).step()
-    assert queue.series("1.1").state == DONE
+    assert queue.series("1.1").state == SeriesState.DONE
     assert seen == [(2, 2)] and gauges(metrics) == (0, 0)
     queue.close()
