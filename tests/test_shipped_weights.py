@@ -39,9 +39,6 @@ def test_a_normal_dose_slice_keeps_its_soft_tissue_hu_and_gains_no_shading(share
     assert np.percentile(lowpass_change(hu, out, tissue, spacing, FIDELITY.lowpass_sigma_mm), 95) <= 5.0
 
 
-@pytest.mark.xfail(strict=True, reason="not met by 2.0.0: on these slices (own noise 8-10 HU) it changes the body by "
-                   "14-18 HU RMS, removing their noise to 2-3 HU and softening edges; strict, so a model that meets it "
-                   "turns this into a failure to remove the mark")
 @pytest.mark.parametrize("name", SLICES)
 def test_a_normal_dose_slice_changes_by_less_than_its_own_noise(shared_series, engine, name):
     """Edges kept: the whole change, edges included, is no larger than the noise the slice carries."""
