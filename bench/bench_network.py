@@ -3,8 +3,9 @@
     python bench/bench_network.py [--series DIR] [--weights shipped|tiny|PATH] [--repeats 3]
                                   [--e2e-runs 2] [--quiet-period 2] [--json bench/results/network.json]
 
-- receive: DCMTK storescu sends the series to `ldct-node serve` and, alternately, to DCMTK
-  storescp; instances/s of each and their ratio (target: node >= 0.8 x storescp).
+- receive: DCMTK storescu sends the series to `ldct-node serve` and, in turn, to DCMTK storescp and
+  to Orthanc: over one association, and split over PARALLEL associations at once (aggregate rate).
+  Targets: one association >= 0.5 x storescp, parallel >= 0.8 x storescp, >= 1.0 x Orthanc.
 - send: the node's delivery of the derived series to a storescp (the sender's own timing from
   its "series delivered" log line) against storescu sending the very same derived files to a
   fresh storescp; instances/s and ratio.
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from ldct_node import __version__  # noqa: E402
 from ldct_node.config import load_config  # noqa: E402
-from ldct_node.queue import DONE, Queue  # noqa: E402
+from ldct_node.queue import Queue, SeriesState  # noqa: E402
 from tests import peers, synthetic  # noqa: E402
 
 SHARED_SERIES = REPO.parent / "shared" / "data" / "pancreas-ct-cb001"
@@ -47,7 +48,10 @@ SYNTHETIC_SIZE = 512
 # The node must not start denoising while the receive rate is measured.
 RECEIVE_ONLY_QUIET_S = 3600.0
 DELIVERY_TIMEOUT_S = 1800.0
-RECEIVE_TARGET = SEND_TARGET = 0.8
+SEND_TARGET = 0.8
+# Receive targets: (reference, associations) -> minimum node/reference ratio.
+RECEIVE_TARGETS = {("storescp", 1): 0.5, ("storescp", 8): 0.8, ("orthanc", 1): 1.0, ("orthanc", 8): 1.0}
+PARALLEL = 8
 
 
 def machine() -> dict:
@@ -110,26 +114,56 @@ def start_node(workdir: Path, weights: Path | None, destinations: list[dict], qu
     return peers.make_node(workdir, tables).start()
 
 
-def bench_receive(files: list[Path], workdir: Path, weights: Path | None, repeats: int) -> dict:
+def timed_parallel_storescu(files: list[Path], port: int, called_aet: str, associations: int) -> float:
+    """Seconds for `associations` storescu processes, each with its share of the files, all at once;
+    each calls with its own AE title, as separate modalities would."""
+    shares = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    procs = [peers.start_storescu(share, port, called_aet, calling_aet=f"BENCH{i}") for i, share in enumerate(shares)]
+    outputs = [proc.communicate()[0] for proc in procs]
+    seconds = time.perf_counter() - start
+    for proc, output in zip(procs, outputs, strict=True):
+        if proc.returncode != 0:
+            raise SystemExit(f"storescu to {called_aet} failed: {output.strip()[-500:]}")
+    return seconds
+
+
+def timed_receive(files: list[Path], port: int, called_aet: str, associations: int) -> float:
+    if associations == 1:
+        return timed_storescu(files, port, called_aet)
+    return timed_parallel_storescu(files, port, called_aet, associations)
+
+
+def bench_receive(files: list[Path], workdir: Path, weights: Path | None, repeats: int) -> list[dict]:
+    """The node against storescp and Orthanc, over one and PARALLEL associations, in one run."""
     node = start_node(workdir / "node-receive", weights, [], RECEIVE_ONLY_QUIET_S)
+    rows = []
     try:
-        with peers.running_storescp(workdir / "storescp-receive") as scp:
-            timed_storescu(files, scp.port, scp.aet)  # warm-up: page cache, first association
-            node_s, scp_s = [], []
-            for _ in range(repeats):  # alternate, so drifting machine load hits both alike
-                node_s.append(timed_storescu(files, node.port, node.ae_title))
-                scp_s.append(timed_storescu(files, scp.port, scp.aet))
+        with peers.running_storescp(workdir / "storescp-receive") as scp, peers.running_orthanc(workdir / "orthanc") as orthanc:
+            receivers = {"node": (node.port, node.ae_title), "storescp": (scp.port, scp.aet),
+                         "orthanc": (orthanc.dicom_port, orthanc.aet)}
+            for port, aet in receivers.values():
+                timed_storescu(files, port, aet)  # warm-up: page cache, first association
+            for associations in (1, PARALLEL):
+                seconds: dict[str, list[float]] = {name: [] for name in receivers}
+                for _ in range(repeats):  # in turn, so drifting machine load hits all alike
+                    for name, (port, aet) in receivers.items():
+                        seconds[name].append(timed_receive(files, port, aet, associations))
+                for reference in ("storescp", "orthanc"):
+                    rows.append(rates(f"receive, {associations} assoc.", len(files), seconds["node"], seconds[reference],
+                                      RECEIVE_TARGETS[(reference, associations)], reference))
     finally:
         node.stop()
-    return rates("receive", len(files), node_s, scp_s, RECEIVE_TARGET)
+    return rows
 
 
-def rates(what: str, count: int, node_s: list[float], dcmtk_s: list[float], target: float) -> dict:
+def rates(what: str, count: int, node_s: list[float], reference_s: list[float], target: float, reference: str) -> dict:
     node_rate = count / statistics.median(node_s)
-    dcmtk_rate = count / statistics.median(dcmtk_s)
-    return {"what": what, "instances": count, "node_seconds": node_s, "dcmtk_seconds": dcmtk_s,
-            "node_instances_per_s": round(node_rate, 1), "dcmtk_instances_per_s": round(dcmtk_rate, 1),
-            "ratio": round(node_rate / dcmtk_rate, 3), "target_ratio": target, "statistic": "median"}
+    reference_rate = count / statistics.median(reference_s)
+    return {"what": what, "reference": reference, "instances": count, "node_seconds": node_s,
+            "reference_seconds": reference_s, "node_instances_per_s": round(node_rate, 1),
+            "reference_instances_per_s": round(reference_rate, 1), "ratio": round(node_rate / reference_rate, 3),
+            "target_ratio": target, "statistic": "median"}
 
 
 def delivered_events(node: peers.Node) -> list[dict]:
@@ -150,9 +184,9 @@ def wait_done(node: peers.Node, series_uid: str, run: int) -> dict:
     try:
         while time.monotonic() < deadline:
             row = queue.series(series_uid)
-            if row and row.run == run and row.state == DONE:
+            if row and row.run == run and row.state == SeriesState.DONE:
                 return row.to_dict()
-            if row and row.state == "failed":
+            if row and row.state == SeriesState.FAILED:
                 raise SystemExit(f"the node failed the series: {row.reason}")
             time.sleep(0.1)
     finally:
@@ -180,7 +214,7 @@ def bench_end_to_end(files: list[Path], workdir: Path, weights: Path | None, run
     with peers.running_storescp(workdir / "storescp-send") as scp:
         timed_storescu(derived, scp.port, scp.aet)  # warm-up
         dcmtk_s = [timed_storescu(derived, scp.port, scp.aet) for _ in range(repeats)]
-    return splits, rates("send", len(derived), node_send_s, dcmtk_s, SEND_TARGET)
+    return splits, rates("send", len(derived), node_send_s, dcmtk_s, SEND_TARGET, "storescu")
 
 
 def split(row: dict, delivered: dict, last_stored: float, run: int) -> dict:
@@ -199,10 +233,10 @@ def print_report(result: dict) -> None:
     print(f"machine: {result['machine']}")
     print(f"data: {result['data']}  ({result['instances']} instances)   model: {result['model']}")
     print()
-    print(f"{'':8s}{'node inst/s':>12s}{'DCMTK inst/s':>14s}{'ratio':>8s}{'target':>8s}   DCMTK side")
-    for row, dcmtk in ((result["receive"], "storescp"), (result["send"], "storescu")):
-        print(f"{row['what']:8s}{row['node_instances_per_s']:12.1f}{row['dcmtk_instances_per_s']:14.1f}"
-              f"{row['ratio']:8.2f}{row['target_ratio']:8.2f}   {dcmtk}")
+    print(f"{'':20s}{'node inst/s':>12s}{'reference':>11s}{'ref inst/s':>12s}{'ratio':>8s}{'target':>8s}")
+    for row in [*result["receive"], result["send"]]:
+        print(f"{row['what']:20s}{row['node_instances_per_s']:12.1f}{row['reference']:>11s}"
+              f"{row['reference_instances_per_s']:12.1f}{row['ratio']:8.2f}{row['target_ratio']:8.2f}")
     print()
     print(f"{'run':>3s}{'total s':>9s}{'quiet':>8s}{'pickup':>8s}{'denoise':>9s}{'send':>8s}{'other':>8s}")
     for s in result["end_to_end"]:
@@ -227,7 +261,7 @@ def main() -> None:
         result = {"benchmark": "network", "machine": machine(), "data": data, "instances": len(files),
                   "bytes": sum(p.stat().st_size for p in files), "model": model,
                   "settings": {"max_pdu": peers.DCMTK_MAX_PDU, "tcp_nodelay": True, "quiet_period_s": args.quiet_period,
-                               "repeats": args.repeats}}
+                               "repeats": args.repeats, "parallel_associations": PARALLEL}}
         result["receive"] = bench_receive(files, workdir, weights, args.repeats)
         result["end_to_end"], result["send"] = bench_end_to_end(files, workdir, weights, args.e2e_runs,
                                                                 args.quiet_period, args.repeats)
