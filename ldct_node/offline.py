@@ -24,8 +24,8 @@ from tqdm import tqdm
 from .config import load_config, validate
 from .denoise import DenoiseEngine
 from .errors import CommandError
-from .logs import one_line
 from .fidelity import FidelitySummary
+from .logs import one_line
 from .process import SeriesResult, denoise_instances, output_series_uid
 from .series import ScanResult, scan_tree
 

@@ -91,10 +91,18 @@ from pynetdicom.utils import make_target
 from .config import AllowedPeer, ReceiveSettings
 from .logs import get_logger
 from .observe import Metrics
-from .queue import Queue
 from .pixels import decode_problem
+from .queue import Queue
 from .series import (
-    BAD_UID, MISMATCH, UNDECODABLE, Verdict, VerdictKind, classify, image_problem, is_compressed, uid_problem,
+    BAD_UID,
+    MISMATCH,
+    UNDECODABLE,
+    Verdict,
+    VerdictKind,
+    classify,
+    image_problem,
+    is_compressed,
+    uid_problem,
 )
 from .spool import Spool, SpoolFull
 from .tls import server_context

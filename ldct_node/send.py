@@ -28,8 +28,8 @@ from .config import Destination, SendSettings
 from .logs import get_logger
 from .observe import Metrics
 from .polling import PollingThread
-from .tls import client_context
 from .queue import FINISHED, DueDelivery, Queue, RetryPolicy, SeriesState
+from .tls import client_context
 
 log = get_logger(__name__)
 

@@ -25,7 +25,15 @@ from structlog.testing import capture_logs
 
 from ldct_node import cli, derive, errors
 from ldct_node.config import (
-    Config, Destination, FidelitySettings, HttpSettings, InferenceSettings, ModelSettings, QueueSettings, ReceiveSettings, SendSettings,
+    Config,
+    Destination,
+    FidelitySettings,
+    HttpSettings,
+    InferenceSettings,
+    ModelSettings,
+    QueueSettings,
+    ReceiveSettings,
+    SendSettings,
     StorageSettings,
 )
 from ldct_node.daemon import Node, sd_notify, watchdog_interval_s

@@ -20,8 +20,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
-    JPEGLSLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
 )
 
@@ -473,7 +473,7 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     tool = synthetic.require_tool(DCIODVFY)
     out = subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=60)
     lines = (out.stdout + out.stderr).splitlines()
-    return [l for l in lines if "Error" in l], [l for l in lines if "Warning" in l]
+    return [line for line in lines if "Error" in line], [line for line in lines if "Warning" in line]
 
 
 @pytest.mark.parametrize(

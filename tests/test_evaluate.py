@@ -13,7 +13,7 @@ from ldct_node.cli import main
 from ldct_node.errors import CommandError
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.weights import ModelCard, save_weights
-from ldct_train.baselines import BaselineSettings, noise_sigma, nlm_denoise, tv_denoise
+from ldct_train.baselines import BaselineSettings, nlm_denoise, noise_sigma, tv_denoise
 from ldct_train.evaluate import LOW_DOSE, find_citation, parse_weights
 from ldct_train.metrics import rmse
 from ldct_train.report import crop_box, display_window, paired_p_value

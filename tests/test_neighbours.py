@@ -9,7 +9,7 @@ import pydicom
 import pytest
 import torch
 
-from ldct_node.config import ConfigError, Config, DeriveSettings, InferenceSettings, validate
+from ldct_node.config import Config, ConfigError, DeriveSettings, InferenceSettings, validate
 from ldct_node.denoise import DenoiseEngine, neighbour_indices, slice_spacing
 from ldct_node.model import TSCNet, TSCNetConfig
 from ldct_node.process import chunk_bounds, denoise_instances, derivation_for

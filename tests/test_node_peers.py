@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGExtended12Bit
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGExtended12Bit
 
 from ldct_node.config import load_config
 from ldct_node.denoise import DenoiseEngine

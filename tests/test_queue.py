@@ -8,11 +8,18 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ldct_node.queue import (
-    KEPT_IN_OUTBOX, DeliveryState, Queue, QueueError, RetryPolicy, SeriesState,
-    backoff_delay, gives_up, outputs_complete,
-)
 from ldct_node.config import SendSettings
+from ldct_node.queue import (
+    KEPT_IN_OUTBOX,
+    DeliveryState,
+    Queue,
+    QueueError,
+    RetryPolicy,
+    SeriesState,
+    backoff_delay,
+    gives_up,
+    outputs_complete,
+)
 from ldct_node.send import retry_policy
 from ldct_node.spool import Spool
 

@@ -11,8 +11,13 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless,
-    MRImageStorage, RLELossless,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
@@ -22,11 +27,23 @@ from structlog.testing import capture_logs
 from ldct_node.config import AllowedPeer
 from ldct_node.derive import MANUFACTURER
 from ldct_node.receive import (
-    TRANSFER_SYNTAXES, Receiver, Refused, StoreFailure, check_codestream, check_pixels, inspect, is_allowed,
+    TRANSFER_SYNTAXES,
+    Receiver,
+    Refused,
+    StoreFailure,
+    check_codestream,
+    check_pixels,
+    inspect,
+    is_allowed,
 )
 from ldct_node.series import classify
 from tests.synthetic import (
-    broken_jpeg_ls, compress_jpeg_ls_lossless, ct_dataset, localizer_dataset, save, without_pixels,
+    broken_jpeg_ls,
+    compress_jpeg_ls_lossless,
+    ct_dataset,
+    localizer_dataset,
+    save,
+    without_pixels,
 )
 
 

@@ -9,7 +9,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from ldct_node.config import Destination, SendSettings
 from ldct_node.observe import Metrics
 from ldct_node.queue import DeliveryState, Queue, SeriesState
-from ldct_node.send import SendError, Sender, echo, send_series, status_stored
+from ldct_node.send import Sender, SendError, echo, send_series, status_stored
 from tests.peers import free_port
 from tests.synthetic import ct_series, write_series
 

@@ -14,8 +14,20 @@ from ldct_node.config import DeriveSettings
 from ldct_node.derive import Derivation, derive_dataset
 from ldct_node.pixels import stored_values
 from ldct_node.series import (
-    BAD_UID, MISMATCH, Instance, Skipped, VerdictKind, classify, image_problem, read_instance, scan_files, scan_tree,
-    slice_position, stacks, uid_problem, vr_problem,
+    BAD_UID,
+    MISMATCH,
+    Instance,
+    Skipped,
+    VerdictKind,
+    classify,
+    image_problem,
+    read_instance,
+    scan_files,
+    scan_tree,
+    slice_position,
+    stacks,
+    uid_problem,
+    vr_problem,
 )
 from tests import synthetic
 

@@ -23,17 +23,17 @@ from ldct_node.pixels import hu_to_stored, rescale, stored_to_hu, stored_values
 from ldct_node.series import classify
 from ldct_train.data import load_pair, load_pairs
 from ldct_train.simulate import (
+    SIMULATION_CODE,
+    Kernel,
     ParallelBeamProjector,
     SimulationSettings,
     _upsample_sinogram,
+    derivation_text,
     detector_coordinates,
-    Kernel,
     dose_weights,
     fbp,
     kernel_window,
     simulate_low_dose,
-    SIMULATION_CODE,
-    derivation_text,
     simulated_dataset,
     simulated_description,
     simulated_uid,
@@ -395,7 +395,7 @@ def _dciodvfy(path) -> tuple[list[str], list[str]]:
     tool = require_tool(Path("/usr/bin/dciodvfy"))
     out = subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=60)
     lines = (out.stdout + out.stderr).splitlines()
-    return [l for l in lines if "Error" in l], [l for l in lines if "Warning" in l]
+    return [line for line in lines if "Error" in line], [line for line in lines if "Warning" in line]
 
 
 def test_simulated_slice_passes_dciodvfy_without_errors_or_new_warnings_but_its_local_code(tmp_path):

@@ -36,11 +36,11 @@ from ldct_node.durable import atomic_write, atomic_write_bytes
 from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
 from ldct_node.model import DOWNSAMPLE
-from ldct_node.series import is_axial
 from ldct_node.pixels import padding_mask, padding_values, rescale, stored_to_hu, stored_values
+from ldct_node.series import is_axial
 from ldct_node.weights import InputScaling
 
-from .data import augment, allowed_turns, crop_to_multiple
+from .data import allowed_turns, augment, crop_to_multiple
 from .simulate import (
     KERNEL_ALPHA_RANGE,
     KERNEL_CUTOFF_RANGE,

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
+from ldct_node import __version__
 from ldct_node.config import InferenceSettings
 from ldct_node.denoise import resolve_device
-from ldct_node import __version__
 from ldct_node.derive import rewritten_instance, write_dataset
 from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
@@ -481,7 +481,7 @@ def simulate_stack(datasets: list[pydicom.Dataset], dose: float, settings: Simul
     # Padding is air to the projector; it is put back unchanged below.
     projected = np.where(keep, settings.outside_fov_below_hu - 1.0, hu)
     low = simulate_low_dose(projected, pixel_spacing_mm(datasets[0]), dose, settings, generator)
-    return [restore_masked(h.astype(np.float64), l.astype(np.float64), k) for h, l, k in zip(hu, low, keep)]
+    return [restore_masked(h.astype(np.float64), lo.astype(np.float64), k) for h, lo, k in zip(hu, low, keep)]
 
 
 def simulate_series(series_uid: str, instances: list[Instance], nd_dir: Path, ld_dir: Path, dose: float,

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tensorboardX import SummaryWriter
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
