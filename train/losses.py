@@ -72,6 +72,11 @@ def pixel_loss(rec: torch.Tensor, nd: torch.Tensor, beta: float, weights: torch.
     return (per_sample if weights is None else per_sample * weights).mean()
 
 
+def _mean_square(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a − b‖² / (C·H·W), per sample."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
 def noise_weights(ld: torch.Tensor, nd: torch.Tensor, floor: float) -> torch.Tensor:
     """Per-sample weights ∝ 1 / (mean (ld − nd)² + floor), scaled to mean 1 over the batch.
 
@@ -88,11 +93,6 @@ def noise_weights(ld: torch.Tensor, nd: torch.Tensor, floor: float) -> torch.Ten
 def knowledge_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """L1 between the student's DEM output and the frozen teacher's (no gradient into the teacher)."""
     return F.l1_loss(student_features.float(), teacher_features.detach().float())
-
-
-def _mean_square(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """‖a − b‖² / (C·H·W), per sample."""
-    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
 
 
 def contrastive_loss(vgg: VGG16Features, rec: torch.Tensor, nd: torch.Tensor, ld: torch.Tensor,
