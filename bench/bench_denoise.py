@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ldct_node.config import InferenceSettings
-from ldct_node.denoise import DenoiseEngine
+from ldct_node.net.inference import DenoiseEngine
 
 SIZE = 512
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from ldct_node import __version__  # noqa: E402
 from ldct_node.config import load_config  # noqa: E402
-from ldct_node.queue import Queue, SeriesState  # noqa: E402
+from ldct_node.node.jobs import JobStore, SeriesState  # noqa: E402
 from tests import peers, synthetic  # noqa: E402
 
 SHARED_SERIES = REPO.parent / "shared" / "data" / "pancreas-ct-cb001"
@@ -85,8 +85,8 @@ def weights_path(choice: str, workdir: Path) -> tuple[Path | None, str]:
     if choice == "shipped":
         return None, "shipped student weights"
     if choice == "tiny":
-        from ldct_node.model import TSCNet, TSCNetConfig
-        from ldct_node.weights import ModelCard, save_weights
+        from ldct_node.net.model import TSCNet, TSCNetConfig
+        from ldct_node.net.weights import ModelCard, save_weights
 
         settings = TSCNetConfig(width=4, num_dems=2)
         path = workdir / "tiny.safetensors"
@@ -180,7 +180,7 @@ def delivered_events(node: peers.Node) -> list[dict]:
 
 def wait_done(node: peers.Node, series_uid: str, run: int) -> dict:
     deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-    queue = Queue(load_config(node.config_path).storage.database)
+    queue = JobStore(load_config(node.config_path).storage.database)
     try:
         while time.monotonic() < deadline:
             row = queue.series(series_uid)

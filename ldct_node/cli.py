@@ -8,14 +8,14 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from ldct_node.errors import UserError
 
 # name: (module, help). The module provides add_arguments(parser) and run(args) -> exit status.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "denoise": ("ldct_node.offline", "denoise the CT series in a folder tree into derived series"),
-    "serve": ("ldct_node.daemon", "run the DICOM node: receive, denoise, send back to PACS"),
-    "queue": ("ldct_node.admin", "list, retry or purge the node's jobs"),
-    "echo": ("ldct_node.echo", "C-ECHO the configured destinations"),
+    "denoise": ("ldct_node.commands.denoise", "denoise the CT series in a folder tree into derived series"),
+    "serve": ("ldct_node.commands.serve", "run the DICOM node: receive, denoise, send back to PACS"),
+    "queue": ("ldct_node.commands.queue", "list, retry or purge the node's jobs"),
+    "echo": ("ldct_node.commands.echo", "C-ECHO the configured destinations"),
     "simulate": ("ldct_train.simulate", "simulate low-dose CT from normal-dose DICOM in the projection domain"),
     "prepare": ("ldct_train.bank", "prepare the training noise bank from a local copy of the manifest's data"),
     "train": ("ldct_train.trainer", "two-stage teacher-student training"),
@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ldct_node import __version__
 
     parser = argparse.ArgumentParser(
         prog="ldct-node",

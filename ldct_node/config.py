@@ -19,7 +19,7 @@ from pathlib import Path
 
 import platformdirs
 
-from .errors import UserError
+from ldct_node.errors import UserError
 
 APP_NAME = "ldct-node"
 
@@ -45,7 +45,7 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    # None means the weights shipped with the package (see ldct_node.weights.default_weights_path).
+    # None means the weights shipped with the package (see ldct_node.net.weights.default_weights_path).
     weights: Path | None = None
 
 
@@ -72,7 +72,7 @@ class InferenceSettings:
 class FidelitySettings:
     """The per-series HU fidelity gate: a denoiser may remove noise but must not shift tissue HU.
 
-    Measured in soft tissue of the source (see ldct_node.fidelity); a series whose change exceeds
+    Measured in soft tissue of the source (see ldct_node.dicom.fidelity); a series whose change exceeds
     a limit fails with the reason instead of being sent. 0 disables a limit (still measured).
     """
 
@@ -392,7 +392,7 @@ def _readable(path: Path | None, key: str, what: str) -> None:
 
 
 def validate_tls(cfg: Config) -> None:
-    """The TLS files named in cfg exist and can be read (their contents are checked by ldct_node.tls)."""
+    """The TLS files named in cfg exist and can be read (their contents are checked by ldct_node.node.tls)."""
     tls = cfg.receive.tls
     if tls is not None:
         _readable(tls.certificate, "receive.tls.certificate", "certificate file")

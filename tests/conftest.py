@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from ldct_node.config import ReceiveSettings
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.observe import Metrics
-from ldct_node.queue import Queue
-from ldct_node.receive import Receiver
-from ldct_node.spool import Spool
-from ldct_node.weights import ModelCard, save_weights
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import ModelCard, save_weights
+from ldct_node.node.jobs import JobStore
+from ldct_node.node.observe import Metrics
+from ldct_node.node.receive import Receiver
+from ldct_node.node.spool import Spool
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SERIES = REPO.parent / "shared" / "data" / "pancreas-ct-cb001"
@@ -43,7 +43,7 @@ def receivers(tmp_path):
 
     def start(**settings) -> Receiver:
         spool = Spool(tmp_path / "spool", settings.pop("min_free_bytes", 0))
-        receiver = Receiver(ReceiveSettings(port=0, **settings), spool, Queue(tmp_path / "queue.sqlite3"), metrics=Metrics())
+        receiver = Receiver(ReceiveSettings(port=0, **settings), spool, JobStore(tmp_path / "queue.sqlite3"), metrics=Metrics())
         receiver.start()
         made.append(receiver)
         return receiver

@@ -2,7 +2,7 @@
 
 A phantom slice is a water body with fat, lung and bone inserts inside a circular field of view;
 outside that circle the vendor fill value sits, as scanners store it. Stored values are computed
-here with plain numpy (not with ldct_node.pixels) so that the pixel tests have an independent oracle.
+here with plain numpy (not with ldct_node.dicom.pixels) so that the pixel tests have an independent oracle.
 Nothing here imports pytest except `require_tool`, which turns a missing DCMTK binary into a skip.
 """
 

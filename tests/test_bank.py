@@ -12,7 +12,7 @@ import torch
 
 from ldct_node.cli import main
 from ldct_node.errors import CommandError
-from ldct_node.weights import InputScaling, load_weights
+from ldct_node.net.weights import InputScaling, load_weights
 from ldct_train.bank import (
     REPORT_DOSES,
     VALIDATION_KERNEL,

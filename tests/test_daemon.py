@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from structlog.testing import capture_logs
 
-from ldct_node import cli, derive, errors
+from ldct_node import cli, errors
 from ldct_node.config import (
     Config,
     Destination,
@@ -36,11 +36,13 @@ from ldct_node.config import (
     SendSettings,
     StorageSettings,
 )
-from ldct_node.daemon import Node, sd_notify, watchdog_interval_s
-from ldct_node.process import derivation_for
-from ldct_node.queue import KEPT_IN_OUTBOX, Queue, SeriesState
-from ldct_node.spool import Spool
-from ldct_node.worker import Worker, disk_full, remove_delivered
+from ldct_node.dicom import derive
+from ldct_node.node.daemon import Node, sd_notify, watchdog_interval_s
+from ldct_node.node.denoise_series import derivation_for
+from ldct_node.node.housekeeping import remove_delivered
+from ldct_node.node.jobs import KEPT_IN_OUTBOX, JobStore, SeriesState
+from ldct_node.node.spool import Spool
+from ldct_node.node.worker import Worker, disk_full
 from tests import peers
 from tests.synthetic import broken_jpeg_ls, ct_series, save
 from tests.test_send import Pacs
@@ -93,7 +95,7 @@ def send(node: Node, datasets) -> list[int]:
     return statuses
 
 
-def wait_state(queue: Queue, series_uid: str, state: str):
+def wait_state(queue: JobStore, series_uid: str, state: str):
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         row = queue.series(series_uid)
@@ -292,7 +294,7 @@ def overwrite_with_random_bytes(path: Path) -> None:
 def test_a_damaged_queue_database_is_moved_aside_and_rebuilt_from_the_spool(tmp_path, damage):
     cfg = dataclasses.replace(config(tmp_path, tmp_path / "none.safetensors"), http=HttpSettings(enabled=False))
     spool = Spool(cfg.storage.spool_dir)
-    queue = Queue(cfg.storage.database)
+    queue = JobStore(cfg.storage.database)
     for series in range(20):  # several pages, so that a page can be damaged and the rest still read
         for sop in range(10):
             uid = f"1.{series}"
@@ -352,7 +354,7 @@ class FakeProcessor:
     def output_series_uid(self, series_uid: str) -> str:
         return f"{series_uid}.9"
 
-    def run(self, sources, out_dir, progress):
+    def denoise(self, sources, out_dir, progress):
         series_uid = sources[0].parent.name
         progress(0, len(sources))
         if series_uid in self.broken:
@@ -366,7 +368,7 @@ class FakeProcessor:
 
 
 def test_a_failing_series_fails_with_a_one_line_reason_and_the_worker_goes_on(tmp_path):
-    queue = Queue(tmp_path / "q.sqlite3")
+    queue = JobStore(tmp_path / "q.sqlite3")
     for series in ("1.1", "2.2"):
         path = tmp_path / "spool" / series / f"{series}.1.dcm"
         path.parent.mkdir(parents=True)
@@ -382,10 +384,10 @@ def test_a_failing_series_fails_with_a_one_line_reason_and_the_worker_goes_on(tm
     queue.close()
 
 
-def denoised_series(tmp_path, sops: tuple[str, ...], destinations: list[str]) -> tuple[Spool, Queue, Path]:
+def denoised_series(tmp_path, sops: tuple[str, ...], destinations: list[str]) -> tuple[Spool, JobStore, Path]:
     """Series 1.1 spooled with these instances and denoised into outbox/1.1.9 for these destinations."""
     spool = Spool(tmp_path / "spool")
-    queue = Queue(tmp_path / "q.sqlite3")
+    queue = JobStore(tmp_path / "q.sqlite3")
     for sop in sops:
         queue.add_instance("1.1", sop, spool.write_instance("1.1", sop, b"x").path, now=0)
     queue.promote_quiet(0, now=1)
@@ -430,7 +432,7 @@ def test_retention_line_names_the_removed_outbox_of_a_delivered_series(tmp_path)
 
 
 def test_series_denoised_line_names_the_outbox_when_there_is_no_destination(tmp_path):
-    queue = Queue(tmp_path / "q.sqlite3")
+    queue = JobStore(tmp_path / "q.sqlite3")
     path = tmp_path / "spool" / "1.1" / "1.1.1.dcm"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"x")
@@ -476,7 +478,7 @@ def write_config(tmp_path: Path, destinations=()) -> Path:
 def test_queue_command_lists_retries_and_purges(tmp_path, capsys):
     config_path = write_config(tmp_path)
     data = tmp_path / "data"
-    queue = Queue(data / "queue.sqlite3")
+    queue = JobStore(data / "queue.sqlite3")
     spool_file = data / "spool" / "1.1" / "1.1.1.dcm"
     spool_file.parent.mkdir(parents=True)
     spool_file.write_bytes(b"x")
@@ -503,7 +505,7 @@ def test_queue_list_shows_the_instance_count_after_retention_removed_the_files(t
     config_path = write_config(tmp_path)
     data = tmp_path / "data"
     spool = Spool(data / "spool")
-    queue = Queue(data / "queue.sqlite3")
+    queue = JobStore(data / "queue.sqlite3")
     for sop in ("1.1.1", "1.1.2", "1.1.3"):
         queue.add_instance("1.1", sop, spool.write_instance("1.1", sop, b"x").path, now=0)
     queue.promote_quiet(0, now=1)

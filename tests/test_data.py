@@ -12,7 +12,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ldct_node.errors import CommandError
-from ldct_node.weights import InputScaling
+from ldct_node.net.weights import InputScaling
 from ldct_train import data
 from ldct_train.data import (
     PairedSlices,

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ldct_node.model import TSCNetConfig
+from ldct_node.net.model import TSCNetConfig
 from tests.test_trainer import make_pairs, read_metrics, write_teacher
 
 DDP_TIMEOUT_S = 240

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from ldct_node.config import ConfigError, InferenceSettings
-from ldct_node.denoise import DenoiseEngine, neighbour_indices, pad_to_multiple
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.weights import LoadedModel, ModelCard
+from ldct_node.net.inference import DenoiseEngine, neighbour_indices, pad_to_multiple
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import LoadedModel, ModelCard
 
 
 class MiddleSlice(nn.Module):

@@ -27,7 +27,7 @@ from pydicom.uid import (
 
 import ldct_node
 from ldct_node.config import DeriveSettings
-from ldct_node.derive import (
+from ldct_node.dicom.derive import (
     IMPLEMENTATION_CLASS_UID,
     Derivation,
     code_item,
@@ -41,8 +41,8 @@ from ldct_node.derive import (
     series_number,
     write_dataset,
 )
-from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
-from ldct_node.uids import NODE_NAMESPACE, SIMULATE_NAMESPACE, name_uid
+from ldct_node.dicom.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
+from ldct_node.dicom.uids import NODE_NAMESPACE, SIMULATE_NAMESPACE, name_uid
 from tests import synthetic
 
 DCIODVFY = Path("/usr/bin/dciodvfy")

@@ -11,8 +11,8 @@ import torch
 
 from ldct_node.cli import main
 from ldct_node.errors import CommandError
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.weights import ModelCard, save_weights
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import ModelCard, save_weights
 from ldct_train.baselines import BaselineSettings, nlm_denoise, noise_sigma, tv_denoise
 from ldct_train.evaluate import LOW_DOSE, find_citation, parse_weights
 from ldct_train.metrics import rmse

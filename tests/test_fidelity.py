@@ -14,8 +14,7 @@ from structlog.testing import capture_logs
 
 from ldct_node.cli import main
 from ldct_node.config import Config, ConfigError, DeriveSettings, FidelitySettings, InferenceSettings, validate
-from ldct_node.denoise import DenoiseEngine
-from ldct_node.fidelity import (
+from ldct_node.dicom.fidelity import (
     HISTOGRAM_BIN_HU,
     FidelityAccumulator,
     FidelitySummary,
@@ -28,11 +27,12 @@ from ldct_node.fidelity import (
     soft_tissue_mask,
     uniform_tissue,
 )
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.observe import Metrics
-from ldct_node.queue import Queue, SeriesState
-from ldct_node.weights import LoadedModel, ModelCard, save_weights
-from ldct_node.worker import EngineProcessor, Worker
+from ldct_node.net.inference import DenoiseEngine
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import LoadedModel, ModelCard, save_weights
+from ldct_node.node.jobs import JobStore, SeriesState
+from ldct_node.node.observe import Metrics
+from ldct_node.node.worker import EngineProcessor, Worker
 from tests import synthetic
 
 SIZE = 64
@@ -214,10 +214,10 @@ def processor(model: torch.nn.Module) -> EngineProcessor:
     return EngineProcessor(engine, DeriveSettings(), FidelitySettings())
 
 
-def queued_series(tmp_path: Path, count: int = 3) -> tuple[Queue, str]:
+def queued_series(tmp_path: Path, count: int = 3) -> tuple[JobStore, str]:
     datasets = synthetic.ct_series(count, rows=SIZE, columns=SIZE)
     series_uid = datasets[0].SeriesInstanceUID
-    queue = Queue(tmp_path / "q.sqlite3")
+    queue = JobStore(tmp_path / "q.sqlite3")
     for path, ds in zip(synthetic.write_series(tmp_path / "spool" / series_uid, datasets), datasets):
         queue.add_instance(series_uid, ds.SOPInstanceUID, path, now=0)
     queue.promote_quiet(0, now=1)

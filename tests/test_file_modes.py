@@ -14,9 +14,9 @@ from pynetdicom.sop_class import CTImageStorage
 
 from ldct_node import durable
 from ldct_node.config import Config, HttpSettings, QueueSettings, ReceiveSettings, StorageSettings
-from ldct_node.daemon import LOCK_FILE, Node, lock_data_dir
-from ldct_node.derive import write_dataset
-from ldct_node.queue import SeriesState
+from ldct_node.dicom.derive import write_dataset
+from ldct_node.node.daemon import LOCK_FILE, Node, lock_data_dir
+from ldct_node.node.jobs import SeriesState
 from tests.synthetic import ct_series
 from tests.test_daemon import wait_state
 
@@ -36,7 +36,7 @@ class WritingProcessor:
     def output_series_uid(self, series_uid: str) -> str:
         return f"{series_uid}.9"
 
-    def run(self, sources, out_dir, progress):
+    def denoise(self, sources, out_dir, progress):
         import pydicom
 
         files = []

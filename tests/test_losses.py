@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ldct_node.errors import CommandError
-from ldct_node.model import TSCNet, TSCNetConfig
+from ldct_node.net.model import TSCNet, TSCNetConfig
 from ldct_train import vgg as vgg_module
 from ldct_train.losses import (
     LossInputs,

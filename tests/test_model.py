@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from ldct_node.model import (
+from ldct_node.net.model import (
     REDCNN,
     DynamicEnhancementModule,
     ModulatedDeformConv,

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ldct_node.config import Config, ConfigError, DeriveSettings, InferenceSettings, validate
-from ldct_node.denoise import DenoiseEngine, neighbour_indices, slice_spacing
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.process import chunk_bounds, denoise_instances, derivation_for
-from ldct_node.series import scan_files
-from ldct_node.weights import ModelCard, save_weights
+from ldct_node.dicom.series import scan_files
+from ldct_node.net.inference import DenoiseEngine, neighbour_indices, slice_spacing
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import ModelCard, save_weights
+from ldct_node.node.denoise_series import chunk_bounds, denoise_instances, derivation_for
 from tests import synthetic
 
 SIZE = 32
@@ -111,7 +111,7 @@ class NeighbourMean(torch.nn.Module):
 
 
 def engine_for(model, in_slices=3, **settings):
-    from ldct_node.weights import LoadedModel
+    from ldct_node.net.weights import LoadedModel
 
     card = ModelCard(name="t", version="0", architecture="tscnet", settings={"in_slices": in_slices})
     return DenoiseEngine(LoadedModel(model, card, path=None), InferenceSettings(device="cpu", **settings))

@@ -22,10 +22,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from ldct_node.config import load_config
-from ldct_node.denoise import DenoiseEngine
-from ldct_node.derive import derived_sop_uid
-from ldct_node.process import derivation_for, output_series_uid
-from ldct_node.queue import Queue, SeriesState
+from ldct_node.dicom.derive import derived_sop_uid
+from ldct_node.net.inference import DenoiseEngine
+from ldct_node.node.denoise_series import derivation_for, output_series_uid
+from ldct_node.node.jobs import JobStore, SeriesState
 from tests import peers, synthetic
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,7 +110,7 @@ def received_uids(files: list[Path]) -> list[tuple[str, str]]:
 
 
 def jobs(node: peers.Node) -> dict:
-    queue = Queue(load_config(node.config_path).storage.database)
+    queue = JobStore(load_config(node.config_path).storage.database)
     try:
         return {row.series_uid: row for row in queue.jobs()}
     finally:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ldct_node.cli import main
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.weights import ModelCard, save_weights
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import ModelCard, save_weights
 from tests import synthetic
 
 TINY = TSCNetConfig(width=4, num_dems=2)

@@ -1,4 +1,4 @@
-"""Stored values <-> HU, padding rules and decoding (ldct_node.pixels)."""
+"""Stored values <-> HU, padding rules and decoding (ldct_node.dicom.pixels)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from ldct_node.pixels import (
+from ldct_node.dicom.pixels import (
     bits_problem,
     decode_problem,
     frames_problem,

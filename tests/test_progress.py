@@ -6,12 +6,12 @@ from __future__ import annotations
 from structlog.testing import capture_logs
 
 from ldct_node.config import DeriveSettings, FidelitySettings, InferenceSettings
-from ldct_node.denoise import DenoiseEngine
 from ldct_node.logs import get_logger
-from ldct_node.observe import Metrics
-from ldct_node.process import slice_counter
-from ldct_node.queue import Queue, SeriesState
-from ldct_node.worker import EngineProcessor, SeriesProgress, Worker
+from ldct_node.net.inference import DenoiseEngine
+from ldct_node.node.denoise_series import slice_counter
+from ldct_node.node.jobs import JobStore, SeriesState
+from ldct_node.node.observe import Metrics
+from ldct_node.node.worker import EngineProcessor, SeriesProgress, Worker
 from tests import synthetic
 from tests.test_daemon import FakeProcessor
 
@@ -36,7 +36,7 @@ def test_the_engine_processor_reports_progress_chunk_by_chunk(tmp_path, tiny_wei
     engine = DenoiseEngine.from_path(tiny_weights, InferenceSettings(device="cpu", threads=1, chunk_slices=2))
     reports = []
     processor = EngineProcessor(engine, DeriveSettings(), FidelitySettings())
-    processor.run(sources, tmp_path / "out", lambda *report: reports.append(report))
+    processor.denoise(sources, tmp_path / "out", lambda *report: reports.append(report))
     assert reports == [(0, 3), (2, 3), (3, 3)]
 
 
@@ -54,7 +54,7 @@ def test_progress_goes_to_metrics_every_chunk_and_to_the_log_at_most_every_inter
 
 
 def test_worker_feeds_the_gauges_while_denoising_and_zeroes_them_after(tmp_path):
-    queue = Queue(tmp_path / "q.sqlite3")
+    queue = JobStore(tmp_path / "q.sqlite3")
     for sop in ("1.1.1", "1.1.2"):
         path = tmp_path / "spool" / "1.1" / f"{sop}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +65,8 @@ def test_worker_feeds_the_gauges_while_denoising_and_zeroes_them_after(tmp_path)
     seen = []
 
     class Watched(FakeProcessor):
-        def run(self, sources, out_dir, progress):
-            result = super().run(sources, out_dir, progress)
+        def denoise(self, sources, out_dir, progress):
+            result = super().denoise(sources, out_dir, progress)
             seen.append(gauges(metrics))
             return result
 

@@ -9,19 +9,19 @@ import pytest
 from structlog.testing import capture_logs
 
 from ldct_node.config import SendSettings
-from ldct_node.queue import (
+from ldct_node.node.jobs import (
     KEPT_IN_OUTBOX,
     DeliveryState,
-    Queue,
-    QueueError,
+    JobStore,
+    JobStoreError,
     RetryPolicy,
     SeriesState,
     backoff_delay,
     gives_up,
     outputs_complete,
 )
-from ldct_node.send import retry_policy
-from ldct_node.spool import Spool
+from ldct_node.node.send import retry_policy
+from ldct_node.node.spool import Spool
 
 S = "1.2.3"
 T0 = 1_000_000.0
@@ -31,12 +31,12 @@ ONE_TRY = RetryPolicy(backoff_initial_s=5, backoff_max_s=60, give_up_after_s=864
 
 @pytest.fixture
 def queue(tmp_path):
-    q = Queue(tmp_path / "queue.sqlite3")
+    q = JobStore(tmp_path / "queue.sqlite3")
     yield q
     q.close()
 
 
-def add(queue: Queue, tmp_path: Path, sop: str, now: float = T0, series: str = S) -> Path:
+def add(queue: JobStore, tmp_path: Path, sop: str, now: float = T0, series: str = S) -> Path:
     path = tmp_path / series / f"{sop}.dcm"
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(b"x")
@@ -109,10 +109,10 @@ def test_restart_recovery_requeues_interrupted_denoising_and_leaves_sending_alon
 
 
 def test_state_survives_closing_and_reopening_the_database(tmp_path):
-    first = Queue(tmp_path / "q.sqlite3")
+    first = JobStore(tmp_path / "q.sqlite3")
     add(first, tmp_path, "1.1")
     first.close()
-    again = Queue(tmp_path / "q.sqlite3")
+    again = JobStore(tmp_path / "q.sqlite3")
     assert again.series(S).state == SeriesState.RECEIVED
     again.close()
 
@@ -161,9 +161,9 @@ def test_retry_denoises_again_when_outputs_are_gone(queue, tmp_path):
 
 def test_retry_refuses_unknown_and_unfailed_series(queue, tmp_path):
     add(queue, tmp_path, "1.1")
-    with pytest.raises(QueueError, match="only failed"):
+    with pytest.raises(JobStoreError, match="only failed"):
         queue.retry(S)
-    with pytest.raises(QueueError, match="no series"):
+    with pytest.raises(JobStoreError, match="no series"):
         queue.retry("7.7")
 
 
@@ -195,7 +195,7 @@ def test_reindex_restores_spooled_files_whose_commit_was_lost(queue, tmp_path):
 
 def test_remove_refuses_a_series_being_worked_on(queue, tmp_path):
     to_sending(queue, tmp_path)
-    with pytest.raises(QueueError, match="sending"):
+    with pytest.raises(JobStoreError, match="sending"):
         queue.remove(S)
 
 
@@ -239,7 +239,7 @@ def test_a_queue_database_of_an_earlier_version_opens_and_keeps_its_series(tmp_p
                " VALUES (?, ?, ?, ?, ?)", (S, SeriesState.RECEIVED, T0, T0, T0))
     db.commit()
     db.close()
-    queue = Queue(path)
+    queue = JobStore(path)
     add(queue, tmp_path, "1.1")
     assert (queue.series(S).state, queue.series(S).instances) == (SeriesState.RECEIVED, 1)
     queue.close()
@@ -294,7 +294,7 @@ def test_an_instances_table_keyed_by_sop_uid_alone_is_migrated_with_its_rows(tmp
     db.execute("INSERT INTO instances VALUES ('1.1', ?, '/spool/1.1.dcm', ?)", (S, T0))
     db.commit()
     db.close()
-    queue = Queue(path)
+    queue = JobStore(path)
     add(queue, tmp_path, "1.1", series="4.5.6")
     with sqlite3.connect(path) as check:
         rows = check.execute("SELECT series_uid, sop_uid FROM instances ORDER BY series_uid").fetchall()
@@ -349,7 +349,7 @@ def test_deliveries_of_an_earlier_version_get_a_give_up_clock(tmp_path):
                (S, DeliveryState.PENDING, T0 + 20, T0 + 10))
     db.commit()
     db.close()
-    queue = Queue(path)
+    queue = JobStore(path)
     db = sqlite3.connect(path)
     assert db.execute("SELECT pending_since FROM deliveries").fetchone() == (T0 + 10,)
     db.close()

@@ -25,8 +25,9 @@ from pynetdicom.status import Status
 from structlog.testing import capture_logs
 
 from ldct_node.config import AllowedPeer
-from ldct_node.derive import MANUFACTURER
-from ldct_node.receive import (
+from ldct_node.dicom.derive import MANUFACTURER
+from ldct_node.dicom.series import classify
+from ldct_node.node.receive import (
     TRANSFER_SYNTAXES,
     Receiver,
     Refused,
@@ -36,7 +37,6 @@ from ldct_node.receive import (
     inspect,
     is_allowed,
 )
-from ldct_node.series import classify
 from tests.synthetic import (
     broken_jpeg_ls,
     compress_jpeg_ls_lossless,

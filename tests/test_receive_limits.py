@@ -19,7 +19,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 from structlog.testing import capture_logs
 
-from ldct_node.receive import ASSOCIATE_RQ_MAX, PduGuard, Receiver, pdv_fragments
+from ldct_node.node.receive import ASSOCIATE_RQ_MAX, PduGuard, Receiver, pdv_fragments
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,9 +7,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ldct_node.config import Destination, SendSettings
-from ldct_node.observe import Metrics
-from ldct_node.queue import DeliveryState, Queue, SeriesState
-from ldct_node.send import Sender, SendError, echo, send_series, status_stored
+from ldct_node.node.jobs import DeliveryState, JobStore, SeriesState
+from ldct_node.node.observe import Metrics
+from ldct_node.node.send import Sender, SendError, echo, send_series, status_stored
 from tests.peers import free_port
 from tests.synthetic import ct_series, write_series
 
@@ -87,8 +87,8 @@ def test_unreachable_destination_is_a_send_error(outbox):
         send_series(sorted(outbox.glob("*.dcm")), down, SETTINGS)
 
 
-def queue_with_sending_series(tmp_path, outbox) -> Queue:
-    queue = Queue(tmp_path / "q.sqlite3")
+def queue_with_sending_series(tmp_path, outbox) -> JobStore:
+    queue = JobStore(tmp_path / "q.sqlite3")
     queue.add_instance("1.2.3", "1.2.3.1", tmp_path / "x.dcm")
     queue.promote_quiet(0)
     queue.claim_next()

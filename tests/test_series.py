@@ -1,4 +1,4 @@
-"""Folder trees as PACS exports and CDs give them (ldct_node.series)."""
+"""Folder trees as PACS exports and CDs give them (ldct_node.dicom.series)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from pydicom.fileset import FileSet
 
 from ldct_node.config import DeriveSettings
-from ldct_node.derive import Derivation, derive_dataset
-from ldct_node.pixels import stored_values
-from ldct_node.series import (
+from ldct_node.dicom.derive import Derivation, derive_dataset
+from ldct_node.dicom.pixels import stored_values
+from ldct_node.dicom.series import (
     BAD_UID,
     MISMATCH,
     Instance,

@@ -7,9 +7,9 @@ import pydicom
 import pytest
 
 from ldct_node.config import FidelitySettings, InferenceSettings
-from ldct_node.denoise import DenoiseEngine
-from ldct_node.fidelity import lowpass_change, mean_hu_change, noise_sd, soft_tissue_mask, uniform_tissue
-from ldct_node.pixels import padding_mask, padding_values, rescale, stored_to_hu, stored_values
+from ldct_node.dicom.fidelity import lowpass_change, mean_hu_change, noise_sd, soft_tissue_mask, uniform_tissue
+from ldct_node.dicom.pixels import padding_mask, padding_values, rescale, stored_to_hu, stored_values
+from ldct_node.net.inference import DenoiseEngine
 
 FIDELITY = FidelitySettings()
 # Liver, kidneys and spine (1-061) and the lung bases (1-031) of the shared abdominal series.

@@ -17,10 +17,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ldct_node.cli import main
-from ldct_node.derive import IMPLEMENTATION_CLASS_UID, is_own_output, write_dataset
+from ldct_node.dicom.derive import IMPLEMENTATION_CLASS_UID, is_own_output, write_dataset
+from ldct_node.dicom.pixels import hu_to_stored, rescale, stored_to_hu, stored_values
+from ldct_node.dicom.series import classify
 from ldct_node.errors import CommandError
-from ldct_node.pixels import hu_to_stored, rescale, stored_to_hu, stored_values
-from ldct_node.series import classify
 from ldct_train.data import load_pair, load_pairs
 from ldct_train.simulate import (
     SIMULATION_CODE,

@@ -8,7 +8,7 @@ import fcntl
 import os
 import subprocess
 
-from ldct_node.daemon import LOCK_FILE, lock_data_dir
+from ldct_node.node.daemon import LOCK_FILE, lock_data_dir
 from tests import peers
 
 SERVE_TIMEOUT_S = 120

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ldct_node.spool import Spool, SpoolFull, is_valid_uid
+from ldct_node.node.spool import Spool, SpoolFull, is_valid_uid
 
 SERIES, SOP = "1.2.3.4", "1.2.3.4.5"
 

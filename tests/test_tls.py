@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from ldct_node.config import ConfigError, Destination, DestinationTls, ReceiveSettings, ReceiveTls, load_config
-from ldct_node.receive import Receiver
-from ldct_node.send import SendError, send_series
-from ldct_node.tls import client_context, server_context
+from ldct_node.node.receive import Receiver
+from ldct_node.node.send import SendError, send_series
+from ldct_node.node.tls import client_context, server_context
 from tests.peers import STORESCP, STORESCU, PeerUnavailable, require, running_storescp, storescu
 from tests.synthetic import ct_series, write_series
 from tests.test_send import SETTINGS

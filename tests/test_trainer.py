@@ -14,8 +14,8 @@ import torch
 
 from ldct_node.cli import main
 from ldct_node.errors import CommandError
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.weights import ModelCard, load_weights, save_weights
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import ModelCard, load_weights, save_weights
 from ldct_train import trainer
 from ldct_train.losses import LossWeights
 from ldct_train.recipe import (

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from ldct_node.model import TSCNet, TSCNetConfig
-from ldct_node.weights import InputScaling, ModelCard, WeightsError, load_weights, save_weights
+from ldct_node.net.model import TSCNet, TSCNetConfig
+from ldct_node.net.weights import InputScaling, ModelCard, WeightsError, load_weights, save_weights
 
 CFG = TSCNetConfig(width=4, num_dems=2)
 

@@ -31,14 +31,14 @@ import pydicom
 import torch
 from torch.utils.data import Dataset
 
-from ldct_node.denoise import resolve_device
+from ldct_node.dicom.pixels import padding_mask, padding_values, rescale, stored_to_hu, stored_values
+from ldct_node.dicom.series import is_axial
 from ldct_node.durable import atomic_write, atomic_write_bytes
 from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
-from ldct_node.model import DOWNSAMPLE
-from ldct_node.pixels import padding_mask, padding_values, rescale, stored_to_hu, stored_values
-from ldct_node.series import is_axial
-from ldct_node.weights import InputScaling
+from ldct_node.net.inference import resolve_device
+from ldct_node.net.model import DOWNSAMPLE
+from ldct_node.net.weights import InputScaling
 
 from .data import allowed_turns, augment, crop_to_multiple
 from .simulate import (

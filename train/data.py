@@ -7,7 +7,7 @@ rather than a silent one-slice shift. Splitting is by patient; a ``slices`` rang
 of a single patient explicitly, and a file whose unsplit pairs are all one patient (without
 ``slices``) has that patient cut into train / val / test slabs automatically (:func:`split_pairs`).
 
-The datasets hand the network HU scaled by :class:`ldct_node.weights.InputScaling` — the one
+The datasets hand the network HU scaled by :class:`ldct_node.net.weights.InputScaling` — the one
 scaling, recorded in every model card the trainer writes.
 """
 
@@ -24,12 +24,12 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
-from ldct_node.denoise import neighbour_indices
+from ldct_node.dicom.pixels import rescale, stored_to_hu, stored_values
+from ldct_node.dicom.series import scan_tree, stacks
 from ldct_node.errors import CommandError
-from ldct_node.model import DOWNSAMPLE
-from ldct_node.pixels import rescale, stored_to_hu, stored_values
-from ldct_node.series import scan_tree, stacks
-from ldct_node.weights import InputScaling
+from ldct_node.net.inference import neighbour_indices
+from ldct_node.net.model import DOWNSAMPLE
+from ldct_node.net.weights import InputScaling
 
 SPLITS = ("train", "val", "test")
 PAIR_KEYS = {"patient", "low", "normal", "split", "slices"}

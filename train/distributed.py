@@ -12,7 +12,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ldct_node.denoise import resolve_device
+from ldct_node.net.inference import resolve_device
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ldct_node.config import InferenceSettings
-from ldct_node.denoise import DenoiseEngine
 from ldct_node.errors import CommandError
+from ldct_node.net.inference import DenoiseEngine
 
 from .bank import VALIDATION_KERNEL, BankSlice, is_bank, load_bank, noise_for
 from .baselines import BASELINES, BaselineSettings, bm3d_available, denoise_volume

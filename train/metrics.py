@@ -14,8 +14,8 @@ import numpy as np
 from skimage.metrics import structural_similarity
 
 from ldct_node.config import FidelitySettings
-from ldct_node.fidelity import mean_hu_change, noise_sd, soft_tissue_mask, uniform_tissue
-from ldct_node.weights import InputScaling
+from ldct_node.dicom.fidelity import mean_hu_change, noise_sd, soft_tissue_mask, uniform_tissue
+from ldct_node.net.weights import InputScaling
 
 # The network's input range, from the one place that states it (a reader's window is not it).
 HU_FULL: tuple[float, float] = (InputScaling().hu_min, InputScaling().hu_max)

@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ldct_node.errors import CommandError
-from ldct_node.model import REDCNNConfig, TSCNetConfig, build_model
-from ldct_node.weights import InputScaling, read_card
+from ldct_node.net.model import REDCNNConfig, TSCNetConfig, build_model
+from ldct_node.net.weights import InputScaling, read_card
 
 from .bank import DOSE_RANGE, KERNEL_ALPHA_RANGE, KERNEL_CUTOFF_RANGE, REPORT_DOSES, VALIDATION_KERNEL
 from .losses import LossWeights

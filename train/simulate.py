@@ -49,13 +49,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ldct_node import __version__
 from ldct_node.config import InferenceSettings
-from ldct_node.denoise import resolve_device
-from ldct_node.derive import rewritten_instance, write_dataset
+from ldct_node.dicom.derive import rewritten_instance, write_dataset
+from ldct_node.dicom.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
+from ldct_node.dicom.series import Instance, scan_tree, stacks
+from ldct_node.dicom.uids import SIMULATE_NAMESPACE, UUID_ROOT, name_uid
 from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
-from ldct_node.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
-from ldct_node.series import Instance, scan_tree, stacks
-from ldct_node.uids import SIMULATE_NAMESPACE, UUID_ROOT, name_uid
+from ldct_node.net.inference import resolve_device
 
 from .data import load_pairs
 
@@ -406,7 +406,7 @@ SERIES_DESCRIPTION_MAX = 64  # the LO value representation
 # dose reduction or noise insertion; DerivationDescription says the rest.
 #
 # ImageType stays the source's ORIGINAL\PRIMARY instead of rewritten_instance's DERIVED\SECONDARY:
-# training and evaluation read a pair's low-dose folder through ldct_node.series.scan_tree
+# training and evaluation read a pair's low-dose folder through ldct_node.dicom.series.scan_tree
 # (train/data.py), which takes ORIGINAL\PRIMARY images only, so a DERIVED simulated series would not
 # load as a pair. Drop simulated_dataset's derived_image_type=False once that loader accepts derived series.
 SIMULATION_CODE = Code("SIMLOWDOSE", "99LDCTNODE", "Simulated low-dose noise insertion")
@@ -455,7 +455,7 @@ def derivation_text(dose: float, seed: int, settings: SimulationSettings) -> str
 def simulated_dataset(source: pydicom.Dataset, hu: np.ndarray, series_uid: str, sop_uid: str, dose: float,
                       seed: int = 0, settings: SimulationSettings | None = None) -> pydicom.Dataset:
     """The simulated instance of source: the rules of every rewrite of a slice's pixels
-    (ldct_node.derive.rewritten_instance: what the new pixels make false dropped, new file meta in
+    (ldct_node.dicom.derive.rewritten_instance: what the new pixels make false dropped, new file meta in
     Explicit VR Little Endian, lossy history, derivation and source image), the simulated pixels,
     new UIDs and a description naming the dose."""
     settings = settings or SimulationSettings()

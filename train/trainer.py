@@ -44,8 +44,8 @@ from ldct_node import __version__
 from ldct_node.durable import atomic_write, atomic_write_text
 from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger
-from ldct_node.model import build_model
-from ldct_node.weights import InputScaling, ModelCard, load_weights, save_weights
+from ldct_node.net.model import build_model
+from ldct_node.net.weights import InputScaling, ModelCard, load_weights, save_weights
 
 from .bank import DOSE_RANGE, BankSlices, describe_bank, is_bank, load_bank
 from .data import PairedSlices, load_pairs, load_scaled_pairs, split_pairs

@@ -37,7 +37,7 @@ from torch import nn
 
 from ldct_node.config import APP_NAME
 from ldct_node.errors import CommandError
-from ldct_node.weights import sha256_of, shipped_weights_dirs
+from ldct_node.net.weights import sha256_of, shipped_weights_dirs
 
 VGG_FILENAME = "vgg16-hed-conv1-3.safetensors"
 VGG_ENV = "LDCT_NODE_VGG_WEIGHTS"

@@ -1,7 +1,7 @@
 """The sender: C-STORE a derived series to one destination over one association.
 
 ``send_series`` is one delivery attempt; the ``Sender`` thread runs the attempts the queue says
-are due and records each outcome (``Queue.delivered`` / ``Queue.delivery_failed``), which applies
+are due and records each outcome (``JobStore.delivered`` / ``JobStore.delivery_failed``), which applies
 the exponential back-off (``send.backoff_initial_s`` doubling up to ``send.backoff_max_s``) and
 fails the delivery with the last reason once it has been pending for ``send.give_up_after_s``
 (or after ``send.attempts`` tries when that is set). Every C-STORE response
@@ -24,12 +24,12 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 from pynetdicom.status import Status
 
-from .config import Destination, SendSettings
-from .logs import get_logger
-from .observe import Metrics
-from .polling import PollingThread
-from .queue import FINISHED, DueDelivery, Queue, RetryPolicy, SeriesState
-from .tls import client_context
+from ldct_node.config import Destination, SendSettings
+from ldct_node.logs import get_logger
+from ldct_node.node.jobs import FINISHED, DueDelivery, JobStore, RetryPolicy, SeriesState
+from ldct_node.node.observe import Metrics
+from ldct_node.node.tls import client_context
+from ldct_node.polling import PollingThread
 
 log = get_logger(__name__)
 
@@ -163,7 +163,7 @@ def echo(destination: Destination, settings: SendSettings) -> int | None:
 class Sender(PollingThread):
     """Runs due deliveries one at a time, until stopped."""
 
-    def __init__(self, queue: Queue, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None):
+    def __init__(self, queue: JobStore, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None):
         super().__init__("ldct-sender", poll_interval_s)
         self.queue = queue
         self.settings = settings

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from .config import ConfigError, DestinationTls, ReceiveTls
+from ldct_node.config import ConfigError, DestinationTls, ReceiveTls
 
 
 def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path, key: str) -> None:

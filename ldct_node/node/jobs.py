@@ -1,4 +1,4 @@
-"""The persistent job queue: one SQLite database (WAL) with a row per series.
+"""The job store: the node's persistent queue of series, one SQLite database (WAL) with a row per series.
 
 Series states (column ``series.state``)::
 
@@ -29,13 +29,13 @@ row was lost are re-indexed. An instance arriving for a ``done``/``failed`` seri
 An instance arriving during ``denoising``/``sending`` is picked up by a new run once that one ends.
 
 A damaged database file (torn by a disk fault, zeroed, overwritten) is no reason for a hospital node
-to stay down: ``open_queue`` moves it aside as ``<name>.damaged-<UTC time>`` for inspection and
+to stay down: ``open_job_store`` moves it aside as ``<name>.damaged-<UTC time>`` for inspection and
 starts an empty one, which restart recovery fills again from the spool (``reindex``); the derived
 UIDs are deterministic, so series sent before reach PACS again as replacements, never copies.
 
 Observe it from outside with ``ldct-node queue list --json`` (see ``SeriesRow``).
 All writes happen in one transaction each, behind one lock, so the C-STORE threads, the worker
-and the sender can share a Queue.
+and the sender can share a JobStore.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .durable import DATA_FILE_MODE, private_dir, private_file, restrict
-from .errors import UserError
-from .logs import get_logger
-from .spool import SpooledInstance
+from ldct_node.durable import DATA_FILE_MODE, private_dir, private_file, restrict
+from ldct_node.errors import UserError
+from ldct_node.logs import get_logger
+from ldct_node.node.spool import SpooledInstance
 
 log = get_logger(__name__)
 
@@ -132,11 +132,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """.format(instances=_INSTANCES_TABLE)
 
 
-class QueueError(UserError, ValueError):
+class JobStoreError(UserError, ValueError):
     """A request the queue cannot honour (unknown series, wrong state), as one line."""
 
 
-class QueueDamaged(Exception):
+class JobStoreDamaged(Exception):
     """The queue database file is not a sound SQLite database; the message is one line."""
 
 
@@ -235,7 +235,7 @@ class DueDelivery:
     slices: int
 
 
-class Queue:
+class JobStore:
     def __init__(self, database: Path):
         private_dir(database.parent)
         # SQLite creates the file with the umask and gives its -wal and -shm the file's mode: made 0600 first.
@@ -256,11 +256,11 @@ class Queue:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             if is_damage(exc):
-                raise QueueDamaged(f"queue database {database} is damaged: {exc}") from None
+                raise JobStoreDamaged(f"queue database {database} is damaged: {exc}") from None
             raise
         if problems != ["ok"]:
             self._db.close()
-            raise QueueDamaged(f"queue database {database} is damaged: {problems[0]}")
+            raise JobStoreDamaged(f"queue database {database} is damaged: {problems[0]}")
         # NORMAL in WAL mode survives a killed process; after a power cut the last commits may be
         # missing, which `reindex` repairs from the spool (the spooled file is fsynced first).
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -442,7 +442,7 @@ class Queue:
         )
         if row["started_at"] is not None and row["last_received_at"] > row["started_at"]:
             # Instances came in while this run worked: they get a run of their own.
-            Queue._reopen(db, series_uid, row["last_received_at"])
+            JobStore._reopen(db, series_uid, row["last_received_at"])
             return SeriesState.RECEIVED
         return state
 
@@ -539,9 +539,9 @@ class Queue:
         with self._tx() as db:
             row = db.execute("SELECT state, outbox, slices FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
             if row is None:
-                raise QueueError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
+                raise JobStoreError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
             if row["state"] != SeriesState.FAILED:
-                raise QueueError(f"series {series_uid} is {row['state']}, only failed series can be retried")
+                raise JobStoreError(f"series {series_uid} is {row['state']}, only failed series can be retried")
             failed = db.execute(
                 "SELECT count(*) FROM deliveries WHERE series_uid = ? AND state = ?", (series_uid, DeliveryState.FAILED)
             ).fetchone()[0]
@@ -569,9 +569,9 @@ class Queue:
         with self._tx() as db:
             row = self._row(db, series_uid)
             if row is None:
-                raise QueueError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
+                raise JobStoreError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
             if row.state in ACTIVE:
-                raise QueueError(f"series {series_uid} is {row.state}; wait until it is done or failed, or stop the node")
+                raise JobStoreError(f"series {series_uid} is {row.state}; wait until it is done or failed, or stop the node")
             for table in ("deliveries", "instances", "series"):
                 db.execute(f"DELETE FROM {table} WHERE series_uid = ?", (series_uid,))
         return row
@@ -638,16 +638,16 @@ class Queue:
         return SeriesRow(deliveries=deliveries, **fields)
 
 
-def open_queue(database: Path, now: float | None = None) -> Queue:
+def open_job_store(database: Path, now: float | None = None) -> JobStore:
     """The node's queue. A damaged file is moved aside and an empty queue started in its place;
-    the caller rebuilds it from the spool (Queue.reindex)."""
+    the caller rebuilds it from the spool (JobStore.reindex)."""
     try:
-        return Queue(database)
-    except QueueDamaged as exc:
+        return JobStore(database)
+    except JobStoreDamaged as exc:
         aside = set_aside(database, time.time() if now is None else now)
         log.error("queue database damaged: moved aside, rebuilding the queue from the spool", moved_to=str(aside),
                   error=str(exc))
-        return Queue(database)
+        return JobStore(database)
 
 
 def set_aside(database: Path, now: float) -> Path:

@@ -1,4 +1,4 @@
-"""`ldct-node serve`: the whole node in one process.
+"""The whole node in one process (`ldct-node serve`, ``ldct_node.commands.serve``).
 
 Start-up, in order: configuration (one-line error on a bad file) → logging → the data directory's
 lock (one node per data directory; a second one exits with a one-line error) → spool and queue
@@ -12,7 +12,7 @@ the receiver closes its port, the worker and sender get ``queue.stop_timeout_s``
 what they are doing; anything cut short is redone after the next start.
 
 How to watch it from outside: ``ldct-node queue list --json --config FILE`` (states in
-``ldct_node.queue``), ``GET /healthz`` and ``GET /metrics`` (``ldct_node.observe``), and the JSON
+``ldct_node.node.jobs``), ``GET /healthz`` and ``GET /metrics`` (``ldct_node.node.observe``), and the JSON
 log lines on stderr (event names: "receiver listening", "association ended" (the audit line of
 each association), "series complete", "denoising series", "denoising progress", "series denoised",
 "series delivered", "delivery attempt failed", "series finished", "series files removed
@@ -21,29 +21,26 @@ each association), "series complete", "denoising series", "denoising progress", 
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import os
-import signal
 import socket
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
-from .config import Config, load_config
-from .denoise import DenoiseEngine
-from .durable import DATA_FILE_MODE, private_dir
-from .errors import CommandError
-from .logs import configure_logging, get_logger
-from .observe import DeliveryBacklog, Health, HttpServer, Metrics
-from .polling import PollingThread
-from .queue import Queue, open_queue
-from .receive import Receiver
-from .send import Sender
-from .spool import Spool
-from .worker import EngineProcessor, SeriesProcessor, Worker, remove_delivered
+from ldct_node.config import Config
+from ldct_node.durable import DATA_FILE_MODE, private_dir
+from ldct_node.errors import CommandError
+from ldct_node.logs import get_logger
+from ldct_node.net.inference import DenoiseEngine
+from ldct_node.node.housekeeping import Housekeeper
+from ldct_node.node.jobs import open_job_store
+from ldct_node.node.observe import DeliveryBacklog, Health, HttpServer, Metrics
+from ldct_node.node.receive import Receiver
+from ldct_node.node.send import Sender
+from ldct_node.node.spool import Spool
+from ldct_node.node.worker import EngineProcessor, SeriesProcessor, Worker
 
 log = get_logger(__name__)
 
@@ -110,30 +107,6 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-class Housekeeper(PollingThread):
-    """Series assembly (quiet series become queued) and retention. Apart from the worker, so that a
-    long denoise neither delays assembly nor stretches the measured quiet period."""
-
-    def __init__(self, queue: Queue, spool: Spool, quiet_period_s: float, keep_days: float, poll_interval_s: float):
-        super().__init__("ldct-housekeeping", poll_interval_s)
-        self.queue = queue
-        self.spool = spool
-        self.quiet_period_s = quiet_period_s
-        self.keep_days = keep_days
-
-    def step(self) -> bool:
-        """One round; always False: what is due is done in one round, the next waits an interval."""
-        try:
-            for uid in self.queue.promote_quiet(self.quiet_period_s):
-                log.info("series complete", series_uid=uid)
-            remove_delivered(self.queue, self.spool, self.keep_days)
-        except (OSError, sqlite3.Error) as exc:
-            # Retention failing (a file held open, permissions) or the database briefly locked by
-            # an admin command must not stop series assembly for good.
-            log.error("housekeeping failed, will try again", error=str(exc))
-        return False
-
-
 class Node:
     """Receiver, worker, sender and HTTP server over one spool and one queue."""
 
@@ -143,7 +116,7 @@ class Node:
         try:
             self.spool = Spool(storage.spool_dir, cfg.receive.min_free_bytes)
             private_dir(storage.outbox_dir, tighten=True)
-            self.queue = open_queue(storage.database)
+            self.queue = open_job_store(storage.database)
         except (OSError, sqlite3.Error) as exc:
             raise CommandError(
                 f"cannot use the data directory {storage.data_dir}: {exc}; fix its permissions or set storage.data_dir"
@@ -229,32 +202,3 @@ class Node:
             log.warning("stopped with a series unfinished; it resumes at the next start")
         else:
             self.queue.close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="TOML configuration (default: the embedded default: loopback, per-user data directory)")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    configure_logging(cfg.log.level, cfg.log.format)
-    lock_fd = lock_data_dir(cfg.storage.data_dir)  # noqa: F841 - held open (and locked) until the process ends
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    node = Node(cfg)
-    node.start()
-    log.info("node ready", ae_title=cfg.receive.ae_title, port=node.receiver.port, data_dir=str(cfg.storage.data_dir),
-             destinations=[d.name for d in cfg.send.destinations])
-    sd_notify("READY=1\nSTATUS=receiving")
-    watchdog = watchdog_interval_s()
-    try:
-        while not stop.wait(watchdog or cfg.queue.poll_interval_s):
-            if watchdog and node.alive():
-                sd_notify("WATCHDOG=1")
-    finally:
-        sd_notify("STOPPING=1")
-        log.info("node stopping")
-        node.stop()
-    return 0

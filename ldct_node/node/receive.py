@@ -88,12 +88,9 @@ from pynetdicom.status import Status
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from .config import AllowedPeer, ReceiveSettings
-from .logs import get_logger
-from .observe import Metrics
-from .pixels import decode_problem
-from .queue import Queue
-from .series import (
+from ldct_node.config import AllowedPeer, ReceiveSettings
+from ldct_node.dicom.pixels import decode_problem
+from ldct_node.dicom.series import (
     BAD_UID,
     MISMATCH,
     UNDECODABLE,
@@ -104,8 +101,11 @@ from .series import (
     is_compressed,
     uid_problem,
 )
-from .spool import Spool, SpoolFull
-from .tls import server_context
+from ldct_node.logs import get_logger
+from ldct_node.node.jobs import JobStore
+from ldct_node.node.observe import Metrics
+from ldct_node.node.spool import Spool, SpoolFull
+from ldct_node.node.tls import server_context
 
 log = get_logger(__name__)
 
@@ -499,7 +499,7 @@ class Receiver:
         self,
         settings: ReceiveSettings,
         spool: Spool,
-        queue: Queue,
+        queue: JobStore,
         classify: Callable[[Dataset], Verdict | None] = classify,
         metrics: Metrics | None = None,
     ):

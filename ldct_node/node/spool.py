@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .durable import DATA_FILE_MODE, TEMP_PREFIX, atomic_write_bytes, fsync_dir, private_dir
+from ldct_node.durable import DATA_FILE_MODE, TEMP_PREFIX, atomic_write_bytes, fsync_dir, private_dir
 
 # DICOM UIDs (PS3.5 §9): digits and dots, at most 64 characters. Checking this before a UID
 # becomes a path component is what stops a hostile dataset writing outside the spool.

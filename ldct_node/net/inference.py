@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, InferenceSettings
-from .model import DOWNSAMPLE
-from .weights import LoadedModel, load_weights
+from ldct_node.config import ConfigError, InferenceSettings
+from ldct_node.net.model import DOWNSAMPLE
+from ldct_node.net.weights import LoadedModel, load_weights
 
 
 def resolve_device(name: str) -> torch.device:

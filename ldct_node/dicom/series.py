@@ -20,9 +20,9 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, CTImageStorage, MediaStorageDirectoryStorage
 from pydicom.valuerep import VR
 
-from .derive import is_own_output
-from .pixels import HEADER_RULES, native_length_problem
-from .spool import is_valid_uid
+from ldct_node.dicom.derive import is_own_output
+from ldct_node.dicom.pixels import HEADER_RULES, native_length_problem
+from ldct_node.node.spool import is_valid_uid
 
 # Gantry tilt of CT scanners reaches about 30 degrees; anything further from axial is a reformat
 # (coronal, sagittal, oblique) that the network was not trained on.

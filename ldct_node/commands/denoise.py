@@ -21,13 +21,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import load_config, validate
-from .denoise import DenoiseEngine
-from .errors import CommandError
-from .fidelity import FidelitySummary
-from .logs import one_line
-from .process import SeriesResult, denoise_instances, output_series_uid
-from .series import ScanResult, scan_tree
+from ldct_node.config import load_config, validate
+from ldct_node.dicom.fidelity import FidelitySummary
+from ldct_node.dicom.series import ScanResult, scan_tree
+from ldct_node.errors import CommandError
+from ldct_node.logs import one_line
+from ldct_node.net.inference import DenoiseEngine
+from ldct_node.node.denoise_series import SeriesResult, denoise_instances, output_series_uid
 
 MAX_SKIPPED_LISTED = 20
 

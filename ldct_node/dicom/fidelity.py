@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .config import FidelitySettings
+from ldct_node.config import FidelitySettings
 
 # Local mean window (pixels) of the high-pass residual.
 LOCAL_WINDOW_PX = 5

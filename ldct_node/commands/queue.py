@@ -23,10 +23,10 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import load_config
-from .errors import CommandError
-from .queue import ACTIVE, Delivery, DeliveryState, Queue, QueueDamaged, QueueError, SeriesRow, SeriesState
-from .spool import Spool
+from ldct_node.config import load_config
+from ldct_node.errors import CommandError
+from ldct_node.node.jobs import ACTIVE, Delivery, DeliveryState, JobStore, JobStoreDamaged, JobStoreError, SeriesRow, SeriesState
+from ldct_node.node.spool import Spool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +85,7 @@ def set_aside_detail(items: list[dict], shown: int = SET_ASIDE_SHOWN) -> str:
     return f"set aside {len(items)}: {listed}{more}"
 
 
-def _selected(queue: Queue, uids: list[str], states: list[SeriesState] | None) -> list[str]:
+def _selected(queue: JobStore, uids: list[str], states: list[SeriesState] | None) -> list[str]:
     if bool(uids) == bool(states):
         raise CommandError("name series UIDs or a selection flag, not both and not neither")
     return uids or [row.series_uid for row in queue.jobs(tuple(states))]
@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.storage.database.is_file():
         raise CommandError(f"no queue database at {cfg.storage.database}: has the node run with this configuration?")
     try:
-        queue = Queue(cfg.storage.database)
-    except QueueDamaged as exc:
+        queue = JobStore(cfg.storage.database)
+    except JobStoreDamaged as exc:
         raise CommandError(f"{exc}; restart the node: it sets the file aside and rebuilds the queue from the spool") from None
     try:
         if args.action == "list":
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(row.outbox, ignore_errors=True)
             print(f"{uid}: purged")
         return 0
-    except QueueError as exc:
+    except JobStoreError as exc:
         raise CommandError(str(exc)) from None
     finally:
         queue.close()

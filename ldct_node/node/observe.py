@@ -48,9 +48,9 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .fidelity import FidelitySummary
-from .logs import get_logger
-from .queue import SeriesState
+from ldct_node.dicom.fidelity import FidelitySummary
+from ldct_node.logs import get_logger
+from ldct_node.node.jobs import SeriesState
 
 log = get_logger(__name__)
 

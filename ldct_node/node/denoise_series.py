@@ -7,7 +7,7 @@ chunks of slices (with the neighbour slices the network needs on either side), s
 bounded for total-body series of thousands of slices. Neighbours are chosen once per stack from
 the slice positions (denoise.neighbour_indices: only adjacent slices), and each chunk reads every
 slice its kept slices need. Every slice's input and output HU goes into the series' HU fidelity
-summary (ldct_node.fidelity); SeriesResult.fidelity_failure names the limit a series exceeds.
+summary (ldct_node.dicom.fidelity); SeriesResult.fidelity_failure names the limit a series exceeds.
 
 One bad slice does not cost its series. Slices whose header makes them unusable never enter a
 stack (series.read_instance skips them, with the receiver's rules). A slice whose pixel data
@@ -32,12 +32,12 @@ from typing import Callable
 import numpy as np
 import pydicom
 
-from .config import DeriveSettings, FidelitySettings, InferenceSettings
-from .denoise import DenoiseEngine, neighbour_indices, slice_spacing
-from .derive import Derivation, derive_dataset, derived_series_uid, derived_sop_uid, write_dataset
-from .fidelity import FidelityAccumulator, FidelitySummary, fidelity_violation
-from .pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
-from .series import Instance, Skipped, scan_files, stacks
+from ldct_node.config import DeriveSettings, FidelitySettings, InferenceSettings
+from ldct_node.dicom.derive import Derivation, derive_dataset, derived_series_uid, derived_sop_uid, write_dataset
+from ldct_node.dicom.fidelity import FidelityAccumulator, FidelitySummary, fidelity_violation
+from ldct_node.dicom.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
+from ldct_node.dicom.series import Instance, Skipped, scan_files, stacks
+from ldct_node.net.inference import DenoiseEngine, neighbour_indices, slice_spacing
 
 
 class UnusableSlice(Exception):

@@ -1,7 +1,7 @@
 """The worker: turns each queued series into its derived series.
 
 One thread, because the model is loaded once and one series at a time keeps the GPU (or the CPU
-cores) busy. Each turn it claims the oldest queued series (``denoising``; the daemon's housekeeping
+cores) busy. Each turn it claims the oldest queued series (``denoising``; the housekeeping
 thread moves quiet series from ``received`` to ``queued``), denoises the spooled files into
 ``outbox/<derived SeriesInstanceUID>/`` and hands the series to the sender (``sending``), or marks
 it ``done`` with "kept in outbox" when no destination is configured. Any failure of one series
@@ -17,8 +17,6 @@ is not the series' fault: it goes back to ``queued`` with a one-line reason, the
 says why it is degraded meanwhile. While a series is
 denoised, slices done / total go to /metrics after every chunk and to the log ("denoising
 progress") every few seconds.
-
-Retention (``remove_delivered``) also lives here because the worker owns the outbox it cleans.
 """
 
 from __future__ import annotations
@@ -29,19 +27,17 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .config import DeriveSettings, FidelitySettings
-from .denoise import DenoiseEngine
-from .durable import DATA_DIR_MODE, private_dir
-from .logs import get_logger, one_line
-from .observe import Metrics
-from .polling import PollingThread
-from .process import SeriesResult, denoise_series, output_series_uid
-from .queue import FINISHED, KEPT_IN_OUTBOX, Job, Queue, SeriesState
-from .spool import Spool
+from ldct_node.config import DeriveSettings, FidelitySettings
+from ldct_node.durable import DATA_DIR_MODE, private_dir
+from ldct_node.logs import get_logger, one_line
+from ldct_node.net.inference import DenoiseEngine
+from ldct_node.node.denoise_series import SeriesResult, denoise_series, output_series_uid
+from ldct_node.node.jobs import FINISHED, Job, JobStore, SeriesState
+from ldct_node.node.observe import Metrics
+from ldct_node.polling import PollingThread
 
 log = get_logger(__name__)
 
-SECONDS_PER_DAY = 86400.0
 # A total-body series on CPU takes many minutes: often enough to show it moves, rarely enough for the journal.
 PROGRESS_LOG_INTERVAL_S = 5.0
 
@@ -49,15 +45,15 @@ Progress = Callable[[int, int], None]  # (slices done, slices in the series)
 
 
 class SeriesProcessor(Protocol):
-    """What the worker needs from the denoising side (``process`` in production, a fake in tests)."""
+    """What the worker needs from the denoising side (``denoise_series`` in production, a fake in tests)."""
 
     def output_series_uid(self, series_uid: str) -> str: ...
 
-    def run(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult: ...
+    def denoise(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult: ...
 
 
 class EngineProcessor:
-    """process.denoise_series with the model the daemon loaded once."""
+    """denoise_series.denoise_series with the model the daemon loaded once."""
 
     def __init__(self, engine: DenoiseEngine, settings: DeriveSettings, fidelity: FidelitySettings):
         self.engine = engine
@@ -67,7 +63,7 @@ class EngineProcessor:
     def output_series_uid(self, series_uid: str) -> str:
         return output_series_uid(series_uid, self.engine, self.settings)
 
-    def run(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult:
+    def denoise(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult:
         return denoise_series(sources, out_dir, self.engine, self.settings, self.fidelity, progress)
 
 
@@ -116,7 +112,7 @@ def reset_dir(path: Path) -> None:
 class Worker(PollingThread):
     def __init__(
         self,
-        queue: Queue,
+        queue: JobStore,
         processor: SeriesProcessor,
         outbox_root: Path,
         destinations: list[str],
@@ -153,7 +149,7 @@ class Worker(PollingThread):
                 raise FileNotFoundError("no spooled instance of the series is left on disk")
             out_dir = self.outbox_root / self.processor.output_series_uid(job.series_uid)
             reset_dir(out_dir)
-            result = self.processor.run(job.sources, out_dir, SeriesProgress(bound, self.metrics))
+            result = self.processor.denoise(job.sources, out_dir, SeriesProgress(bound, self.metrics))
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
             full = disk_full(exc)
             if full is not None:
@@ -217,33 +213,3 @@ class Worker(PollingThread):
         """A run that ended here counts as done or failed; one reopened by new instances counts when that run ends."""
         if self.metrics and state in FINISHED:
             self.metrics.series_finished(state)
-
-
-def remove_delivered(queue: Queue, spool: Spool, keep_days: float, now: float | None = None) -> list[str]:
-    """Retention: delete spooled input and derived output of series done more than keep_days ago.
-    A series kept in the outbox (no destination) keeps its output; failed series keep everything
-    so that `ldct-node queue retry` can still work. Returns the series cleaned."""
-    now = time.time() if now is None else now
-    cleaned = []
-    for row in queue.finished_before(now - keep_days * SECONDS_PER_DAY):
-        with spool.series_lock(row.series_uid):
-            current = queue.series(row.series_uid)
-            if current is None or current.state != SeriesState.DONE or current.cleaned_at is not None:
-                continue  # a new run started meanwhile; its files are needed
-            spooled = spool.series_dir(row.series_uid)
-            removed = {"spool_removed": str(spooled), "spool_files": count_files(spooled)}
-            spool.remove_series(row.series_uid)
-            if row.outbox and row.reason != KEPT_IN_OUTBOX:
-                removed.update(outbox_removed=row.outbox, outbox_files=count_files(Path(row.outbox)))
-                shutil.rmtree(row.outbox, ignore_errors=True)
-            elif row.outbox:
-                removed["outbox_kept"] = row.outbox
-            queue.cleaned(row.series_uid)
-        cleaned.append(row.series_uid)
-        log.info("series files removed (retention)", series_uid=row.series_uid, keep_days=keep_days, **removed)
-    return cleaned
-
-
-def count_files(folder: Path) -> int:
-    """Files directly in folder; 0 when it is gone (removed by hand, or an earlier cleaning cut short)."""
-    return sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0

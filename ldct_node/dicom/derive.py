@@ -26,11 +26,11 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage
 
-from . import __version__
-from .config import DeriveSettings
-from .durable import atomic_write
-from .pixels import stored_range
-from .uids import NODE_NAMESPACE, SEPARATOR, UUID_ROOT, name_uid
+from ldct_node import __version__
+from ldct_node.config import DeriveSettings
+from ldct_node.dicom.pixels import stored_range
+from ldct_node.dicom.uids import NODE_NAMESPACE, SEPARATOR, UUID_ROOT, name_uid
+from ldct_node.durable import atomic_write
 
 MANUFACTURER = "ldct-node"
 # Identifies the software that wrote the file, not a site, so it is UUID-derived and never changes.
@@ -85,7 +85,7 @@ class Derivation:
 
 def _derived_uid(kind: str, source_uid: str, derivation: Derivation, root: str) -> str:
     """A UID that depends only on its inputs, so a re-run replaces instead of duplicating in PACS
-    (ldct_node.uids.name_uid: a name-based UUID under 2.25, the site's root's hash under any other)."""
+    (ldct_node.dicom.uids.name_uid: a name-based UUID under 2.25, the site's root's hash under any other)."""
     return name_uid(NODE_NAMESPACE, (kind, source_uid, derivation.model_name, derivation.model_version, derivation.fingerprint), root)
 
 

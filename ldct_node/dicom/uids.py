@@ -1,6 +1,6 @@
 """UIDs derived from names: the one rule by which ldct-node turns what an instance is made from into its UID.
 
-The derived series (ldct_node.derive) and the simulated low-dose series (ldct_train.simulate) both
+The derived series (ldct_node.dicom.derive) and the simulated low-dose series (ldct_train.simulate) both
 name what their UIDs depend on and pass the names here, so a re-run with the same inputs writes the
 same UIDs (a replacement in PACS, never a duplicate) and different inputs different ones.
 

@@ -11,9 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
-from .config import load_config
-from .errors import CommandError
-from .send import echo
+from ldct_node.config import load_config
+from ldct_node.errors import CommandError
+from ldct_node.node.send import echo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

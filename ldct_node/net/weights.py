@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .durable import atomic_write_bytes
-from .errors import UserError
-from .model import build_model
+from ldct_node.durable import atomic_write_bytes
+from ldct_node.errors import UserError
+from ldct_node.net.model import build_model
 
 CARD_FORMAT = "ldct-node-weights/1"
 SHIPPED_STEM = "tscnet-student-v2"
@@ -175,7 +175,7 @@ def _compare(expected: dict, found: dict) -> tuple[list[str], list[str], list[st
 
 def shipped_weights_dirs() -> list[Path]:
     """Where the shipped weights live: the source tree (editable install) or the installed data files."""
-    return [Path(__file__).resolve().parent.parent / "weights", Path(sys.prefix) / "share" / "ldct-node" / "weights"]
+    return [Path(__file__).resolve().parents[2] / "weights", Path(sys.prefix) / "share" / "ldct-node" / "weights"]
 
 
 def default_weights_path() -> Path:

@@ -1,0 +1,1 @@
+"""The `ldct-node` subcommands, one module per command, each with add_arguments(parser) and run(args)."""
