@@ -137,6 +137,19 @@ class DestinationTls:
 
 
 @dataclass(frozen=True)
+class AssociationSettings:
+    """What every association the node takes part in is held to, whether it accepts it (receive) or
+    asks for it (send, echo): ``ldct_node.node.association.configure_ae`` applies it."""
+
+    ae_title: str
+    max_pdu: int
+    # Requestor: TCP connect, TLS handshake and A-ASSOCIATE answer; acceptor: a complete A-ASSOCIATE-RQ.
+    acse_timeout_s: float
+    dimse_timeout_s: float
+    network_timeout_s: float
+
+
+@dataclass(frozen=True)
 class ReceiveSettings:
     ae_title: str = "LDCT_NODE"
     host: str = "127.0.0.1"
@@ -170,6 +183,11 @@ class ReceiveSettings:
     # [receive.tls]: accept DICOM TLS only on this port; unset: plain TCP.
     tls: ReceiveTls | None = None
 
+    @property
+    def association(self) -> AssociationSettings:
+        return AssociationSettings(self.ae_title, self.max_pdu, self.acse_timeout_s, self.dimse_timeout_s,
+                                   self.network_timeout_s)
+
 
 @dataclass(frozen=True)
 class Destination:
@@ -195,6 +213,11 @@ class SendSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
+
+    @property
+    def association(self) -> AssociationSettings:
+        return AssociationSettings(self.ae_title, self.max_pdu, self.acse_timeout_s, self.dimse_timeout_s,
+                                   self.network_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
+from pynetdicom.status import Status
+
 from ldct_node.config import load_config
 from ldct_node.errors import CommandError
 from ldct_node.node.send import echo
@@ -38,12 +40,12 @@ def run(args: argparse.Namespace) -> int:
         status = echo(dest, cfg.send)
         ms = (time.monotonic() - started) * 1000
         target = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
-        if status == 0x0000:
+        if status == Status.SUCCESS:
             print(f"{target}: ok, {ms:.0f} ms")
         elif status is None:
             print(f"{target}: FAILED, no association (wrong host/port/AE title, or not allowed to call it as "
                   f"{cfg.send.ae_title})")
         else:
             print(f"{target}: FAILED, C-ECHO status 0x{status:04X}")
-        all_ok = all_ok and status == 0x0000
+        all_ok = all_ok and status == Status.SUCCESS
     return 0 if all_ok else 1

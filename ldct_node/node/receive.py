@@ -102,6 +102,7 @@ from ldct_node.dicom.series import (
     uid_problem,
 )
 from ldct_node.logs import get_logger
+from ldct_node.node.association import configure_ae, disable_nagle
 from ldct_node.node.jobs import JobStore
 from ldct_node.node.observe import Metrics
 from ldct_node.node.spool import Spool, SpoolFull
@@ -518,16 +519,13 @@ class Receiver:
 
     def _make_ae(self) -> AE:
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
+        ae = configure_ae(s.association)
         # The Admission decides; pynetdicom's own count (every acceptor thread alive, let in or not)
         # cannot exceed this, so its limit never refuses an allowed caller.
         ae.maximum_associations = s.max_associations + s.max_pending_connections
-        ae.maximum_pdu_size = s.max_pdu
         # _await_request cuts a slow A-ASSOCIATE-RQ at acse_timeout_s; pynetdicom's own ARTIM a second
         # later is only a backstop (it is checked between reads, not during one).
         ae.acse_timeout = s.acse_timeout_s + _ARTIM_GRACE_S
-        ae.dimse_timeout = s.dimse_timeout_s
-        ae.network_timeout = s.network_timeout_s
         ae.add_supported_context(Verification)
         ae.add_supported_context(CTImageStorage, list(TRANSFER_SYNTAXES))
         return ae
@@ -594,8 +592,7 @@ class Receiver:
 
     def _on_connection(self, event) -> None:
         if self.settings.tcp_nodelay:
-            # pynetdicom leaves Nagle on; with small DIMSE responses it stalls each C-STORE by ~40 ms.
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            disable_nagle(event)
         host, port = event.address
         with self._audits_lock:
             self._audits[event.assoc] = AssociationAudit(host, port, time.monotonic())

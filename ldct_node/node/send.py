@@ -12,7 +12,6 @@ stored; anything else fails the attempt, and the whole series is sent again on t
 
 from __future__ import annotations
 
-import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pynetdicom.status import Status
 
 from ldct_node.config import Destination, SendSettings
 from ldct_node.logs import get_logger
+from ldct_node.node.association import configure_ae, disable_nagle
 from ldct_node.node.jobs import FINISHED, DueDelivery, JobStore, RetryPolicy, SeriesState
 from ldct_node.node.observe import Metrics
 from ldct_node.node.tls import client_context
@@ -85,20 +85,9 @@ def _unreachable(destination: Destination, assoc) -> str:
 
 
 def make_ae(settings: SendSettings, transfer_syntaxes: list[str]) -> AE:
-    ae = AE(ae_title=settings.ae_title)
-    # TCP connect and TLS handshake: pynetdicom's default (None) waits for ever on a peer that accepts and stays silent.
-    ae.connection_timeout = settings.acse_timeout_s
-    ae.maximum_pdu_size = settings.max_pdu
-    ae.acse_timeout = settings.acse_timeout_s
-    ae.dimse_timeout = settings.dimse_timeout_s
-    ae.network_timeout = settings.network_timeout_s
+    ae = configure_ae(settings.association)
     ae.add_requested_context(CTImageStorage, transfer_syntaxes)
     return ae
-
-
-def _nodelay(event) -> None:
-    # Nagle's algorithm delays each small C-STORE request header by up to ~40 ms.
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def transfer_syntaxes_of(files: list[Path]) -> list[str]:
@@ -120,7 +109,7 @@ def send_series(files: list[Path], destination: Destination, settings: SendSetti
     # Files of one series share a transfer syntax; reading every meta guards against a mixed outbox.
     ae = make_ae(settings, transfer_syntaxes_of(files))
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         tls_args=tls_args(destination, context), evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                         tls_args=tls_args(destination, context), evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)])
     if not assoc.is_established:
         raise SendError(_unreachable(destination, assoc))
     sent = warnings = 0
@@ -143,11 +132,7 @@ def send_series(files: list[Path], destination: Destination, settings: SendSetti
 
 def echo(destination: Destination, settings: SendSettings) -> int | None:
     """C-ECHO a destination: its status, or None when no association could be made."""
-    ae = AE(ae_title=settings.ae_title)
-    ae.acse_timeout = settings.acse_timeout_s
-    ae.dimse_timeout = settings.dimse_timeout_s
-    ae.network_timeout = settings.network_timeout_s
-    ae.connection_timeout = settings.acse_timeout_s
+    ae = configure_ae(settings.association)
     ae.add_requested_context(Verification)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                          tls_args=tls_args(destination))
