@@ -35,6 +35,25 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, with a message fit to print as one line."""
 
 
+def _need(ok: bool, key: str, what: str) -> None:
+    """Each settings class's ``check(key)`` states its rules with this; key is the setting's dotted name."""
+    if not ok:
+        raise ConfigError(f"config key '{key}' {what}")
+
+
+def _need_ae_title(ae_title: str, key: str) -> None:
+    # PS3.5 AE: at most 16 characters, and leading/trailing spaces are not significant.
+    _need(0 < len(ae_title.strip()) <= 16, key, "must be 1-16 characters")
+
+
+def _need_port(port: int, key: str) -> None:
+    _need(0 < port < 65536, key, "must be 1-65535")
+
+
+def _need_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _need(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def default_data_dir() -> Path:
     """Per-user data directory; systemd's StateDirectory overrides it via $STATE_DIRECTORY."""
     state = os.environ.get("STATE_DIRECTORY")
@@ -67,6 +86,14 @@ class InferenceSettings:
     # are up to 16 % off and must still count as adjacent; below 0.5 no slice can match two offsets.
     neighbour_tolerance: float = 0.25
 
+    def check(self, key: str) -> None:
+        _need(self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
+        _need(self.chunk_slices >= 1, f"{key}.chunk_slices", "must be at least 1")
+        _need(self.threads >= 0, f"{key}.threads", "must be 0 (default) or more")
+        _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, f"{key}.device", "must be auto, cpu, cuda or cuda:N")
+        _need(0 <= self.neighbour_tolerance < MAX_NEIGHBOUR_TOLERANCE, f"{key}.neighbour_tolerance",
+              f"must be >= 0 and < {MAX_NEIGHBOUR_TOLERANCE} (a fraction of the slice spacing)")
+
 
 @dataclass(frozen=True)
 class FidelitySettings:
@@ -94,6 +121,12 @@ class FidelitySettings:
     # Width (Gaussian sigma) of the shading low-pass; larger than the noise grain, smaller than organs.
     lowpass_sigma_mm: float = 6.0
 
+    def check(self, key: str) -> None:
+        _need(self.max_mean_hu_change >= 0, f"{key}.max_mean_hu_change", "must be >= 0 (0 disables the limit)")
+        _need(self.max_lowpass_change_hu >= 0, f"{key}.max_lowpass_change_hu", "must be >= 0 (0 disables the limit)")
+        _need(self.soft_tissue_min_hu < self.soft_tissue_max_hu, f"{key}.soft_tissue_min_hu", f"must be below {key}.soft_tissue_max_hu")
+        _need(self.lowpass_sigma_mm > 0, f"{key}.lowpass_sigma_mm", "must be > 0")
+
 
 @dataclass(frozen=True)
 class DeriveSettings:
@@ -104,11 +137,26 @@ class DeriveSettings:
     transfer_syntax: str = EXPLICIT_VR_LITTLE_ENDIAN
     institution_name: str = ""  # for ContributingEquipmentSequence; empty leaves it out
 
+    def check(self, key: str) -> None:
+        # UID components are digits without leading zeros (PS3.5 9.1); derived UIDs append to the root.
+        _need(re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", self.uid_root) is not None and len(self.uid_root) <= 32,
+              f"{key}.uid_root", "must be a numeric UID prefix ending in '.', without leading zeros, at most 32 characters")
+        # Both end up in LO elements: at most 64 characters and no backslash (the value separator).
+        _need(len(self.series_description_suffix) < 64 and "\\" not in self.series_description_suffix,
+              f"{key}.series_description_suffix", "must be shorter than 64 characters and contain no backslash")
+        _need(len(self.institution_name) <= 64 and "\\" not in self.institution_name,
+              f"{key}.institution_name", "must be at most 64 characters and contain no backslash")
+        _need(self.transfer_syntax in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN), f"{key}.transfer_syntax",
+              "must be explicit (1.2.840.10008.1.2.1) or implicit (1.2.840.10008.1.2) VR little endian")
+
 
 @dataclass(frozen=True)
 class AllowedPeer:
     ae_title: str
     host: str = ""  # the IP address the caller connects from; empty: any address
+
+    def check(self, key: str) -> None:
+        _need_ae_title(self.ae_title, f"{key}.ae_title")
 
 
 @dataclass(frozen=True)
@@ -183,6 +231,20 @@ class ReceiveSettings:
     # [receive.tls]: accept DICOM TLS only on this port; unset: plain TCP.
     tls: ReceiveTls | None = None
 
+    def check(self, key: str) -> None:
+        _need_ae_title(self.ae_title, f"{key}.ae_title")
+        _need_port(self.port, f"{key}.port")
+        for name in ("max_associations", "max_associations_per_caller", "max_pending_connections", "max_pending_per_address"):
+            _need(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+        # 0 (unlimited) would let any caller make the node buffer a PDU of up to 4 GiB.
+        _need(4096 <= self.max_pdu <= MAX_RECEIVE_PDU, f"{key}.max_pdu", f"must be 4096 to {MAX_RECEIVE_PDU} bytes")
+        _need(self.max_instance_bytes >= self.max_pdu, f"{key}.max_instance_bytes", f"must be at least {key}.max_pdu")
+        for name in ("acse_timeout_s", "network_timeout_s"):
+            _need(getattr(self, name) > 0, f"{key}.{name}", "must be > 0 seconds")
+        _need(self.min_free_bytes >= 0, f"{key}.min_free_bytes", "must be >= 0")
+        for i, peer in enumerate(self.allowed):
+            peer.check(f"{key}.allowed[{i}]")
+
     @property
     def association(self) -> AssociationSettings:
         return AssociationSettings(self.ae_title, self.max_pdu, self.acse_timeout_s, self.dimse_timeout_s,
@@ -196,6 +258,12 @@ class Destination:
     host: str
     port: int
     tls: DestinationTls | None = None  # e.g. tls = { ca_file = "/etc/ldct-node/pacs-ca.pem" }; unset: plain TCP
+
+    def check(self, key: str) -> None:
+        _need(bool(self.name.strip()), f"{key}.name", "must not be empty")
+        _need_ae_title(self.ae_title, f"{key}.ae_title")
+        _need(bool(self.host.strip()), f"{key}.host", "must not be empty")
+        _need_port(self.port, f"{key}.port")
 
 
 @dataclass(frozen=True)
@@ -214,6 +282,18 @@ class SendSettings:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
 
+    def check(self, key: str) -> None:
+        _need_ae_title(self.ae_title, f"{key}.ae_title")
+        for i, dest in enumerate(self.destinations):
+            dest.check(f"{key}.destinations[{i}]")
+        # Delivery state, TLS contexts and `echo` pick a destination by name: two of one name would be one.
+        _need(len({d.name for d in self.destinations}) == len(self.destinations), f"{key}.destinations", "must have unique names")
+        _need(self.max_pdu >= 4096 or self.max_pdu == 0, f"{key}.max_pdu", "must be 0 (unlimited) or >= 4096")
+        _need(self.attempts >= 0, f"{key}.attempts", f"must be 0 (no limit, only {key}.give_up_after_s) or more")
+        _need(self.backoff_initial_s > 0, f"{key}.backoff_initial_s", "must be > 0")
+        _need(self.backoff_max_s >= self.backoff_initial_s, f"{key}.backoff_max_s", f"must be >= {key}.backoff_initial_s")
+        _need(self.give_up_after_s > 0, f"{key}.give_up_after_s", "must be > 0")
+
     @property
     def association(self) -> AssociationSettings:
         return AssociationSettings(self.ae_title, self.max_pdu, self.acse_timeout_s, self.dimse_timeout_s,
@@ -229,6 +309,11 @@ class QueueSettings:
     # simply redone after the restart, so this only trades shutdown time for wasted work.
     stop_timeout_s: float = 10.0
 
+    def check(self, key: str) -> None:
+        _need(self.quiet_period_s >= 0, f"{key}.quiet_period_s", "must be >= 0")
+        _need(self.poll_interval_s > 0, f"{key}.poll_interval_s", "must be > 0")
+        _need(self.stop_timeout_s >= 0, f"{key}.stop_timeout_s", "must be >= 0")
+
 
 @dataclass(frozen=True)
 class StorageSettings:
@@ -237,6 +322,10 @@ class StorageSettings:
     keep_days: float = 0.0
     # While the outbox volume is full the worker waits this long between tries; the series stays queued.
     disk_full_retry_s: float = 60.0
+
+    def check(self, key: str) -> None:
+        _need(self.keep_days >= 0, f"{key}.keep_days", "must be >= 0")
+        _need(self.disk_full_retry_s > 0, f"{key}.disk_full_retry_s", "must be > 0")
 
     @property
     def spool_dir(self) -> Path:
@@ -257,11 +346,21 @@ class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8080
 
+    def check(self, key: str) -> None:
+        _need_port(self.port, f"{key}.port")
+
 
 @dataclass(frozen=True)
 class LogSettings:
+    LEVELS: typing.ClassVar[tuple[str, ...]] = ("debug", "info", "warning", "error")
+    FORMATS: typing.ClassVar[tuple[str, ...]] = ("auto", "json", "console")
+
     level: str = "info"
     format: str = "auto"  # "auto": JSON when stderr is not a terminal, "json", "console"
+
+    def check(self, key: str) -> None:
+        _need_choice(self.level, self.LEVELS, f"{key}.level")
+        _need_choice(self.format, self.FORMATS, f"{key}.format")
 
 
 @dataclass(frozen=True)
@@ -276,12 +375,6 @@ class Config:
     storage: StorageSettings = field(default_factory=StorageSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "log.level": ("debug", "info", "warning", "error"),
-    "log.format": ("auto", "json", "console"),
-}
 
 
 def _convert(value: object, hint: object, key: str) -> object:
@@ -332,74 +425,15 @@ def _build(cls: type, table: dict, prefix: str) -> object:
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError naming the first setting that cannot work."""
+    """Raise ConfigError naming the first setting that cannot work.
 
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {what}")
-
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        need(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
-    for section in ("receive", "send"):
-        ae = getattr(cfg, section).ae_title
-        need(0 < len(ae.strip()) <= 16, f"{section}.ae_title", "must be 1-16 characters")
-    need(0 < cfg.receive.port < 65536, "receive.port", "must be 1-65535")
-    for key in ("max_associations", "max_associations_per_caller", "max_pending_connections",
-                "max_pending_per_address"):
-        need(getattr(cfg.receive, key) >= 1, f"receive.{key}", "must be at least 1")
-    # 0 (unlimited) would let any caller make the node buffer a PDU of up to 4 GiB.
-    need(4096 <= cfg.receive.max_pdu <= MAX_RECEIVE_PDU, "receive.max_pdu", f"must be 4096 to {MAX_RECEIVE_PDU} bytes")
-    need(cfg.receive.max_instance_bytes >= cfg.receive.max_pdu, "receive.max_instance_bytes",
-         "must be at least receive.max_pdu")
-    for key in ("acse_timeout_s", "network_timeout_s"):
-        need(getattr(cfg.receive, key) > 0, f"receive.{key}", "must be > 0 seconds")
-    for i, dest in enumerate(cfg.send.destinations):
-        need(0 < len(dest.ae_title.strip()) <= 16, f"send.destinations[{i}].ae_title", "must be 1-16 characters")
-        need(0 < dest.port < 65536, f"send.destinations[{i}].port", "must be 1-65535")
-    need(len({d.name for d in cfg.send.destinations}) == len(cfg.send.destinations),
-         "send.destinations", "must have unique names")
-    need(cfg.send.attempts >= 0, "send.attempts", "must be 0 (no limit, only send.give_up_after_s) or more")
-    need(cfg.send.give_up_after_s > 0, "send.give_up_after_s", "must be > 0")
-    need(cfg.inference.batch_size >= 1, "inference.batch_size", "must be at least 1")
-    need(cfg.inference.chunk_slices >= 1, "inference.chunk_slices", "must be at least 1")
-    need(cfg.inference.threads >= 0, "inference.threads", "must be 0 (default) or more")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.inference.device) is not None,
-         "inference.device", "must be auto, cpu, cuda or cuda:N")
-    need(0 <= cfg.inference.neighbour_tolerance < MAX_NEIGHBOUR_TOLERANCE, "inference.neighbour_tolerance",
-         f"must be >= 0 and < {MAX_NEIGHBOUR_TOLERANCE} (a fraction of the slice spacing)")
-    need(cfg.fidelity.max_mean_hu_change >= 0, "fidelity.max_mean_hu_change", "must be >= 0 (0 disables the limit)")
-    need(cfg.fidelity.max_lowpass_change_hu >= 0, "fidelity.max_lowpass_change_hu", "must be >= 0 (0 disables the limit)")
-    need(cfg.fidelity.soft_tissue_min_hu < cfg.fidelity.soft_tissue_max_hu, "fidelity.soft_tissue_min_hu",
-         "must be below fidelity.soft_tissue_max_hu")
-    need(cfg.fidelity.lowpass_sigma_mm > 0, "fidelity.lowpass_sigma_mm", "must be > 0")
-    # UID components are digits without leading zeros (PS3.5 9.1); derived UIDs append to the root.
-    need(re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.", cfg.derive.uid_root) is not None
-         and len(cfg.derive.uid_root) <= 32,
-         "derive.uid_root", "must be a numeric UID prefix ending in '.', without leading zeros, at most 32 characters")
-    # Both end up in LO elements: at most 64 characters and no backslash (the value separator).
-    need(len(cfg.derive.series_description_suffix) < 64 and "\\" not in cfg.derive.series_description_suffix,
-         "derive.series_description_suffix", "must be shorter than 64 characters and contain no backslash")
-    need(len(cfg.derive.institution_name) <= 64 and "\\" not in cfg.derive.institution_name,
-         "derive.institution_name", "must be at most 64 characters and contain no backslash")
-    for i, dest in enumerate(cfg.send.destinations):
-        need(bool(dest.name.strip()), f"send.destinations[{i}].name", "must not be empty")
-        need(bool(dest.host.strip()), f"send.destinations[{i}].host", "must not be empty")
-    need(cfg.derive.transfer_syntax in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
-         "derive.transfer_syntax", "must be explicit (1.2.840.10008.1.2.1) or implicit (1.2.840.10008.1.2) VR little endian")
-    need(cfg.queue.quiet_period_s >= 0, "queue.quiet_period_s", "must be >= 0")
-    need(cfg.queue.poll_interval_s > 0, "queue.poll_interval_s", "must be > 0")
-    need(cfg.queue.stop_timeout_s >= 0, "queue.stop_timeout_s", "must be >= 0")
-    need(cfg.receive.min_free_bytes >= 0, "receive.min_free_bytes", "must be >= 0")
-    for i, peer in enumerate(cfg.receive.allowed):
-        need(0 < len(peer.ae_title.strip()) <= 16, f"receive.allowed[{i}].ae_title", "must be 1-16 characters")
-    need(cfg.send.backoff_initial_s > 0, "send.backoff_initial_s", "must be > 0")
-    need(cfg.send.backoff_max_s >= cfg.send.backoff_initial_s, "send.backoff_max_s", "must be >= send.backoff_initial_s")
-    need(cfg.send.max_pdu >= 4096 or cfg.send.max_pdu == 0, "send.max_pdu", "must be 0 (unlimited) or >= 4096")
-    need(0 < cfg.http.port < 65536, "http.port", "must be 1-65535")
-    need(cfg.storage.keep_days >= 0, "storage.keep_days", "must be >= 0")
-    need(cfg.storage.disk_full_retry_s > 0, "storage.disk_full_retry_s", "must be > 0")
+    Each section states its own rules in its ``check(key)``, next to its fields; a section without
+    one (``[model]``) has none beyond the types ``_build`` enforces.
+    """
+    for section in dataclasses.fields(cfg):
+        check = getattr(getattr(cfg, section.name), "check", None)
+        if check is not None:
+            check(section.name)
 
 
 def _readable(path: Path | None, key: str, what: str) -> None:
@@ -432,20 +466,27 @@ def validate_tls(cfg: Config) -> None:
         _readable(dest.tls.private_key, f"{key}.private_key", "private key file")
 
 
+def read_toml(path: Path, what: str, error: type[UserError], not_found: str, unreadable: str = "check its permissions") -> dict:
+    """The table in a TOML file; a missing, unreadable or malformed file is one ``error`` line that
+    names ``what`` the file is, its path, and what to do (``not_found``, ``unreadable``)."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found: {not_found}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} {path} is not valid TOML ({exc}): fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} cannot be read ({exc}): {unreadable}") from None
+
+
 def load_config(path: Path | None = None) -> Config:
     """The configuration from a TOML file, or the embedded default when path is None."""
     if path is None:
         cfg = Config()
     else:
-        try:
-            with open(path, "rb") as fh:
-                table = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found: check the path or omit --config for the embedded default") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} cannot be read ({exc}): check its permissions (run as the service user)") from None
+        table = read_toml(path, "config file", ConfigError, not_found="check the path or omit --config for the embedded default",
+                          unreadable="check its permissions (run as the service user)")
         cfg = _build(Config, table, "")
     validate(cfg)
     validate_tls(cfg)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import time
-import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pydicom
 import torch
 from torch.utils.data import Dataset
 
+from ldct_node.config import read_toml
 from ldct_node.dicom.pixels import padding_mask, padding_values, rescale, stored_to_hu, stored_values
 from ldct_node.dicom.series import is_axial
 from ldct_node.durable import atomic_write, atomic_write_bytes
@@ -99,13 +99,7 @@ class Source:
 
 
 def load_manifest(path: Path) -> list[Source]:
-    try:
-        with open(path, "rb") as fh:
-            table = tomllib.load(fh)
-    except FileNotFoundError:
-        raise CommandError(f"manifest {path} not found: pass --manifest train/data/manifest.toml") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CommandError(f"manifest {path} is not valid TOML ({exc}): fix the syntax") from None
+    table = read_toml(path, "manifest", CommandError, not_found="pass --manifest train/data/manifest.toml")
     sources = []
     for i, entry in enumerate(table.get("source", [])):
         unknown = set(entry) - SOURCE_KEYS

@@ -13,7 +13,6 @@ scaling, recorded in every model card the trainer writes.
 
 from __future__ import annotations
 
-import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
+from ldct_node.config import read_toml
 from ldct_node.dicom.pixels import rescale, stored_to_hu, stored_values
 from ldct_node.dicom.series import scan_tree, stacks
 from ldct_node.errors import CommandError
@@ -71,13 +71,7 @@ def load_pairs(path: Path, require_existing: bool = True) -> list[PairSpec]:
     """The pairs a TOML pairs file names. ``require_existing=False`` lets a tool that is about to
     create the volumes (the simulator) read the file before they exist."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            table = tomllib.load(fh)
-    except FileNotFoundError:
-        raise CommandError(f"pairs file {path} not found: check the --data path") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CommandError(f"pairs file {path} is not valid TOML ({exc}): fix the syntax") from None
+    table = read_toml(path, "pairs file", CommandError, not_found="check the --data path")
     unknown = set(table) - {"pair"}
     if unknown:
         raise CommandError(f"pairs file {path} has unknown top-level keys {', '.join(sorted(unknown))}: only [[pair]] tables are allowed")
