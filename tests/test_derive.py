@@ -1,4 +1,4 @@
-"""The derived series (DESIGN section 3): one test per rule, UIDs, atomic writing, loop guard, dciodvfy."""
+"""The derived series: one test per rule of what it keeps, changes and drops, UIDs, atomic writing, loop guard, dciodvfy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``ldct-node evaluate``: the evaluation report on a held-out set (DESIGN §5).
+"""``ldct-node evaluate``: the evaluation report on a held-out set.
 
 Every method denoises the same held-out low-dose slices; each output is scored slice by slice
 against the normal-dose slice (PSNR and SSIM over [−1024, 3072] HU and over the soft-tissue window

@@ -1,8 +1,9 @@
-"""The training losses of TSC-Net (DESIGN §4), each term a function of its own.
+"""The training losses of TSC-Net, each term a function of its own.
 
 Student (stage 2): ``L = w_pixel·smoothL1(rec, nd) + w_kt·L1(F_S, F_T) + w_msssim·(1 − MS-SSIM(rec, nd))
 + w_contrast·L_C``, with ``L_C = Σ_i β_i ‖E_i(nd) − E_i(rec)‖² / ‖E_i(ld) − E_i(rec)‖²`` over VGG-16
-conv1_2, conv2_2 and conv3_3, each squared norm divided by C·H·W. Teacher (stage 1) and RED-CNN use
+conv1_2, conv2_2 and conv3_3, each squared norm divided by C·H·W; the paper's weights are the defaults
+(w_pixel = w_kt = 1, w_msssim = 0.1, w_contrast = 0.001, β = 1/4, 1/2, 1). Teacher (stage 1) and RED-CNN use
 the smooth-L1 and MS-SSIM terms only. All images are in network units ([0, 1], see InputScaling).
 """
 

@@ -1,8 +1,12 @@
-"""The derived series (DESIGN section 3): new CT Image Storage instances built from a source slice
-and its denoised stored values, their deterministic UIDs, the atomic writer and the loop guard.
+"""The derived series: new CT Image Storage instances built from a source slice and its denoised
+stored values, their deterministic UIDs, the atomic writer and the loop guard.
 
-Everything the design says to keep is kept by copying the source data set whole; the functions
-below then replace what must change and drop what the new pixels would make false.
+A derived instance keeps its source's SOP class (CT Image Storage, never Secondary Capture), study,
+patient, frame of reference and geometry, instance number, character set, dose, window, rescale and
+bit-depth attributes and lossy history (once "01", always "01"). That is done by copying the source
+data set whole; the functions below then replace what must change (UIDs, ImageType, series number
+and description, derivation, source image, contributing equipment, dates) and drop what the new
+pixels would make false.
 
 ``rewritten_instance`` holds the rules for any new instance whose pixels were rewritten from a
 source slice's: what is dropped, ImageType, derivation and source image, file meta, lossy history
