@@ -177,7 +177,7 @@ class Node:
             spool_free_bytes=self.spool.free_bytes(),
             spool_min_free_bytes=self.spool.min_free_bytes,
             queue=self.queue.depth(),
-            degraded=tuple(reason for reason in (self.worker.waiting_for_space,) if reason),
+            degraded=self.worker.degraded,
         )
 
     def alive(self) -> bool:

@@ -17,6 +17,11 @@ is not the series' fault: it goes back to ``queued`` with a one-line reason, the
 says why it is degraded meanwhile. While a series is
 denoised, slices done / total go to /metrics after every chunk and to the log ("denoising
 progress") every few seconds.
+
+A run has two halves, kept apart so that scale-out (``ldct_node.node.broker``) reuses both:
+``run_series`` denoises and turns what happened into an ``Outcome`` (plain data), ``apply_outcome``
+tells the job store. The local Worker calls one after the other; with a broker, worker hosts run
+the first and the head node applies the second when their result message arrives.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import errno
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -109,6 +116,106 @@ def reset_dir(path: Path) -> None:
     path.chmod(DATA_DIR_MODE)
 
 
+class Verdict(StrEnum):
+    """What a run of the processor came to, before the job store is told."""
+
+    DERIVED = "derived"  # the derived series is in the outbox: send it (or keep it, with no destination)
+    DONE = "done"  # nothing to derive, and nothing lost (an empty series)
+    FAILED = "failed"
+    NO_SPACE = "no_space"  # the outbox volume is full: not the series' fault, it waits in the queue
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One run of one series, as the local worker or a broker worker host found it; plain data, so it
+    travels as a broker message. log_fields: what the "series denoised"/"series finished" lines add."""
+
+    verdict: Verdict
+    reason: str | None = None
+    derived_series_uid: str | None = None
+    out_dir: str | None = None
+    slices: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    set_aside: tuple[tuple[str, str], ...] = ()
+    log_fields: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "set_aside": [list(item) for item in self.set_aside]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Outcome:
+        return cls(**{**data, "verdict": Verdict(data["verdict"]),
+                      "set_aside": tuple((uid, reason) for uid, reason in data.get("set_aside", ()))})
+
+
+def run_series(processor: SeriesProcessor, sources: list[Path], out_dir: Path,
+               metrics: Metrics | None, bound, progress: Progress | None = None) -> Outcome:
+    """Denoise one series into out_dir and say what came of it; never raises for a fault of the series.
+    progress: as SeriesProgress, which is the default; a broker worker's may raise to abandon the run."""
+    try:
+        if not sources:
+            raise FileNotFoundError("no spooled instance of the series is left on disk")
+        reset_dir(out_dir)
+        result = processor.denoise(sources, out_dir, progress or SeriesProgress(bound, metrics))
+    except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
+        full = disk_full(exc)
+        if full is None:
+            return Outcome(Verdict.FAILED, one_line(exc))
+        # A partial output only holds space that the next try (of any series) needs.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return Outcome(Verdict.NO_SPACE, f"outbox volume full ({full.strerror or 'no space left'})")
+    finally:
+        if metrics:
+            metrics.series_progress(0, 0)  # no series in progress: a stale total would look stuck
+    # Spooled files are named <SOP Instance UID>.dcm; every one the receiver kept was meant to be used.
+    set_aside = tuple((skipped.path.stem, skipped.reason) for skipped in result.skipped)
+    for sop_uid, reason in set_aside:
+        bound.warning("instance set aside", sop_uid=sop_uid, reason=reason)
+    shown = {"set_aside": [f"{uid}: {reason}" for uid, reason in set_aside]} if set_aside else {}
+    if not result.files:
+        # Every instance set aside means the sender was answered success for a series that will
+        # never reach PACS: failed, so the operator sees it, not done.
+        return Outcome(Verdict.FAILED if set_aside else Verdict.DONE,
+                       f"nothing to denoise ({len(result.skipped)} instances set aside)", set_aside=set_aside,
+                       log_fields=shown)
+    # Processors other than EngineProcessor (tests' fakes) may not measure fidelity.
+    fidelity, failure = getattr(result, "fidelity", None), getattr(result, "fidelity_failure", None)
+    measures = fidelity.as_fields() if fidelity is not None else {}
+    if metrics:
+        metrics.series_seconds.observe(result.seconds)
+        if fidelity is not None:
+            metrics.series_fidelity(fidelity, failed=failure is not None)
+    if failure:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return Outcome(Verdict.FAILED, f"{failure} (not sent)", log_fields=measures)
+    return Outcome(Verdict.DERIVED, derived_series_uid=result.derived_series_uid, out_dir=str(out_dir),
+                   slices=len(result.files), skipped=len(result.skipped), seconds=result.seconds,
+                   set_aside=set_aside, log_fields={**measures, **shown})
+
+
+def apply_outcome(queue: JobStore, series_uid: str, outcome: Outcome, destinations: list[str],
+                  metrics: Metrics | None, bound) -> SeriesState:
+    """Tell the job store how the current run of series_uid ended; returns the series state afterwards.
+    A full outbox is not applied here: the caller decides when the series is tried again."""
+    if outcome.verdict == Verdict.DERIVED:
+        state = queue.denoised(series_uid, outcome.derived_series_uid, Path(outcome.out_dir), outcome.slices,
+                               outcome.skipped, outcome.seconds, destinations, set_aside=list(outcome.set_aside))
+        # With no destination the outbox is where the operator collects the series: the line says where.
+        kept = {} if destinations else {"outbox": outcome.out_dir}
+        bound.info("series denoised", derived_series_uid=outcome.derived_series_uid, slices=outcome.slices,
+                   skipped=outcome.skipped, seconds=round(outcome.seconds, 3), state=state, **kept, **outcome.log_fields)
+    else:
+        state = SeriesState(outcome.verdict)
+        (bound.error if state == SeriesState.FAILED else bound.info)(
+            "series finished", state=state, reason=outcome.reason, **outcome.log_fields)
+        state = queue.finish(series_uid, state, outcome.reason, set_aside=list(outcome.set_aside))
+    # A run that ended here counts as done or failed; one reopened by new instances counts when that run ends.
+    if metrics and state in FINISHED:
+        metrics.series_finished(state)
+    return state
+
+
 class Worker(PollingThread):
     def __init__(
         self,
@@ -131,6 +238,11 @@ class Worker(PollingThread):
         self.waiting_for_space: str | None = None
         self._retry_at = 0.0
 
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        """Why the node cannot do its work now, one line each (for /healthz)."""
+        return (self.waiting_for_space,) if self.waiting_for_space else ()
+
     def step(self) -> bool:
         """One turn: process one queued series. False when there was nothing to do (or the disk is full)."""
         if self.waiting_for_space and time.monotonic() < self._retry_at:
@@ -144,72 +256,16 @@ class Worker(PollingThread):
     def process(self, job: Job) -> SeriesState:
         bound = log.bind(series_uid=job.series_uid, run=job.run, instances=len(job.sources))
         bound.info("denoising series")
-        try:
-            if not job.sources:
-                raise FileNotFoundError("no spooled instance of the series is left on disk")
-            out_dir = self.outbox_root / self.processor.output_series_uid(job.series_uid)
-            reset_dir(out_dir)
-            result = self.processor.denoise(job.sources, out_dir, SeriesProgress(bound, self.metrics))
-        except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
-            full = disk_full(exc)
-            if full is not None:
-                return self._wait_for_space(job, full, bound)
-            self.waiting_for_space = None
-            return self._finish(job, SeriesState.FAILED, one_line(exc), bound)
-        finally:
-            if self.metrics:
-                self.metrics.series_progress(0, 0)  # no series in progress: a stale total would look stuck
+        out_dir = self.outbox_root / self.processor.output_series_uid(job.series_uid)
+        outcome = run_series(self.processor, job.sources, out_dir, self.metrics, bound)
+        if outcome.verdict == Verdict.NO_SPACE:
+            return self._wait_for_space(job, outcome.reason, bound)
         self.waiting_for_space = None
-        # Spooled files are named <SOP Instance UID>.dcm; every one the receiver kept was meant to be used.
-        set_aside = [(skipped.path.stem, skipped.reason) for skipped in result.skipped]
-        for sop_uid, reason in set_aside:
-            bound.warning("instance set aside", sop_uid=sop_uid, reason=reason)
-        shown = {"set_aside": [f"{uid}: {reason}" for uid, reason in set_aside]} if set_aside else {}
-        if not result.files:
-            # Every instance set aside means the sender was answered success for a series that will
-            # never reach PACS: failed, so the operator sees it, not done.
-            return self._finish(job, SeriesState.FAILED if set_aside else SeriesState.DONE,
-                                f"nothing to denoise ({len(result.skipped)} instances set aside)", bound.bind(**shown), set_aside)
-        # Processors other than EngineProcessor (tests' fakes) may not measure fidelity.
-        fidelity, failure = getattr(result, "fidelity", None), getattr(result, "fidelity_failure", None)
-        measures = fidelity.as_fields() if fidelity is not None else {}
-        if self.metrics:
-            self.metrics.series_seconds.observe(result.seconds)
-            if fidelity is not None:
-                self.metrics.series_fidelity(fidelity, failed=failure is not None)
-        if failure:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            return self._finish(job, SeriesState.FAILED, f"{failure} (not sent)", bound.bind(**measures))
-        state = self.queue.denoised(
-            job.series_uid, result.derived_series_uid, out_dir, len(result.files), len(result.skipped),
-            result.seconds, self.destinations, set_aside=set_aside,
-        )
-        # With no destination the outbox is where the operator collects the series: the line says where.
-        kept = {} if self.destinations else {"outbox": str(out_dir)}
-        bound.info("series denoised", derived_series_uid=result.derived_series_uid, slices=len(result.files),
-                   skipped=len(result.skipped), seconds=round(result.seconds, 3), state=state, **kept, **measures,
-                   **shown)
-        self._count(state)  # done here when there is no destination
-        return state
+        return apply_outcome(self.queue, job.series_uid, outcome, self.destinations, self.metrics, bound)
 
-    def _wait_for_space(self, job: Job, error: OSError, bound) -> SeriesState:
-        # A partial output only holds space that the next try (of any series) needs.
-        shutil.rmtree(self.outbox_root / self.processor.output_series_uid(job.series_uid), ignore_errors=True)
-        reason = (f"outbox volume full ({error.strerror or 'no space left'}): waiting,"
-                  f" trying again every {self.disk_full_retry_s:g} s")
+    def _wait_for_space(self, job: Job, full: str, bound) -> SeriesState:
+        reason = f"{full}: waiting, trying again every {self.disk_full_retry_s:g} s"
         self.waiting_for_space = reason
         self._retry_at = time.monotonic() + self.disk_full_retry_s
         bound.warning("series waits for disk space", reason=reason)
         return self.queue.requeue(job.series_uid, reason)
-
-    def _finish(self, job: Job, state: SeriesState, reason: str, bound,
-                set_aside: list[tuple[str, str]] = ()) -> SeriesState:
-        (bound.error if state == SeriesState.FAILED else bound.info)("series finished", state=state, reason=reason)
-        after = self.queue.finish(job.series_uid, state, reason, set_aside=set_aside)
-        self._count(after)
-        return after
-
-    def _count(self, state: SeriesState) -> None:
-        """A run that ended here counts as done or failed; one reopened by new instances counts when that run ends."""
-        if self.metrics and state in FINISHED:
-            self.metrics.series_finished(state)
