@@ -1,6 +1,6 @@
 """Inference throughput: slices per second for 512² slices at several batch sizes, CPU and CUDA.
 
-    python bench/bench_denoise.py [--weights W] [--batch-sizes 1 2 4 8] [--slices 16] [--json out.json]
+    python -m bench.bench_denoise [--weights W] [--batch-sizes 1 2 4 8] [--slices 16] [--json out.json]
 
 Prints a table and writes JSON, both stating the machine. It times DenoiseEngine.denoise_hu, the
 same call the node makes (scaling, padding, batching, correction), on CT-like random slices.

@@ -1,7 +1,7 @@
 """Network benchmarks of the node against DCMTK, side by side in one run, on the same files.
 
-    python bench/bench_network.py [--series DIR] [--weights shipped|tiny|PATH] [--repeats 3]
-                                  [--e2e-runs 2] [--quiet-period 2] [--json bench/results/network.json]
+    python -m bench.bench_network [--series DIR] [--weights shipped|tiny|PATH] [--repeats 3]
+                                [--e2e-runs 2] [--quiet-period 2] [--json bench/results/network.json]
 
 - receive: DCMTK storescu sends the series to `ldct-node serve` and, in turn, to DCMTK storescp and
   to Orthanc: over one association, and split over PARALLEL associations at once (aggregate rate).
@@ -27,20 +27,18 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pydicom
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ldct_node import __version__
+from ldct_node.config import load_config
+from ldct_node.node.jobs import JobStore, SeriesState
+from tests import peers, synthetic
 
-from ldct_node import __version__  # noqa: E402
-from ldct_node.config import load_config  # noqa: E402
-from ldct_node.node.jobs import JobStore, SeriesState  # noqa: E402
-from tests import peers, synthetic  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED_SERIES = REPO.parent / "shared" / "data" / "pancreas-ct-cb001"
 SYNTHETIC_SLICES = 134

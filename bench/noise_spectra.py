@@ -1,7 +1,7 @@
 """Noise power spectra that training covers: the simulated low-dose noise at the ends and middle of
 the dose and kernel ranges ``ldct-node train`` draws from (train/bank.py).
 
-    python bench/noise_spectra.py BANK [--source pancreas-ct-cb001] [--out weights/evaluation]
+    python -m bench.noise_spectra BANK [--source pancreas-ct-cb001] [--out weights/evaluation]
 
 For each (dose, kernel) it draws the noise a noise-bank training sample would get on one whole slice,
 takes the 2-D noise power spectrum of a square region inside the body, and averages it over rings.
