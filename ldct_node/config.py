@@ -351,6 +351,35 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class BrokerSettings:
+    """Scale-out (``ldct_node.node.broker``): worker hosts take series from Redis Streams."""
+
+    # redis://[:password@]host:6379/0 (rediss:// for TLS); empty: no broker, the node denoises itself.
+    url: str = ""
+    # Streams are <stream>:jobs and <stream>:results: several nodes can share one Redis with different prefixes.
+    stream: str = "ldct"
+    # A series a worker took and has not confirmed for this long goes to another worker (the first one died).
+    visibility_timeout_s: float = 300.0
+    # How often a worker confirms the series it holds; 0: a fifth of visibility_timeout_s.
+    heartbeat_s: float = 0.0
+    # Shown in `queue list` and /metrics; empty: <hostname>-<pid>.
+    worker_name: str = ""
+
+    def check(self, key: str) -> None:
+        _need(not self.url or self.url.startswith(("redis://", "rediss://", "unix://")), f"{key}.url",
+              "must be empty (no broker) or a redis://, rediss:// or unix:// URL")
+        _need(re.fullmatch(r"[A-Za-z0-9_.:-]+", self.stream) is not None, f"{key}.stream",
+              "must be letters, digits and _ . : - only")
+        _need(self.visibility_timeout_s > 0, f"{key}.visibility_timeout_s", "must be > 0 seconds")
+        _need(0 <= self.heartbeat_s < self.visibility_timeout_s, f"{key}.heartbeat_s",
+              f"must be 0 (a fifth of {key}.visibility_timeout_s) or more, and below {key}.visibility_timeout_s")
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_s or self.visibility_timeout_s / 5
+
+
+@dataclass(frozen=True)
 class LogSettings:
     LEVELS: typing.ClassVar[tuple[str, ...]] = ("debug", "info", "warning", "error")
     FORMATS: typing.ClassVar[tuple[str, ...]] = ("auto", "json", "console")
@@ -375,6 +404,7 @@ class Config:
     storage: StorageSettings = field(default_factory=StorageSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
 
 
 def _convert(value: object, hint: object, key: str) -> object:

@@ -354,3 +354,31 @@ def test_deliveries_of_an_earlier_version_get_a_give_up_clock(tmp_path):
     assert db.execute("SELECT pending_since FROM deliveries").fetchone() == (T0 + 10,)
     db.close()
     queue.close()
+
+
+def test_the_worker_host_that_took_a_run_is_recorded_only_while_that_run_is_denoised(queue, tmp_path):
+    add(queue, tmp_path, "1.1")
+    queue.promote_quiet(10, now=T0 + 10)
+    assert not queue.taken_by(S, 1, "gpu-1")  # queued: nobody may hold it yet
+    queue.claim_next(now=T0 + 11)
+    assert queue.is_denoising(S, 1) and not queue.is_denoising(S, 2)
+    assert not queue.taken_by(S, 2, "gpu-1")  # a run that does not exist
+    assert queue.taken_by(S, 1, "gpu-2")
+    assert queue.series(S).worker == "gpu-2"
+    queue.finish(S, SeriesState.DONE, "ok", now=T0 + 12)
+    assert not queue.is_denoising(S, 1)
+    assert queue.series(S).worker == "gpu-2"  # who derived the finished run stays visible
+    add(queue, tmp_path, "1.2", now=T0 + 13)  # a new run: nobody holds it
+    assert queue.series(S).worker is None
+
+
+def test_a_series_table_without_the_worker_column_is_migrated(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    queue = JobStore(path)
+    add(queue, tmp_path, "1.1")
+    queue.close()
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE series DROP COLUMN worker")
+    queue = JobStore(path)
+    assert queue.series(S).worker is None
+    queue.close()

@@ -114,6 +114,7 @@ CREATE TABLE IF NOT EXISTS series (
     cleaned_at          REAL,
     instances           INTEGER,
     set_aside           TEXT,
+    worker              TEXT,
     updated_at          REAL NOT NULL
 );
 {instances}
@@ -211,6 +212,8 @@ class SeriesRow:
     deliveries: list[Delivery] = field(default_factory=list)
     # Instances of this run the worker could not use: {"sop_uid": ..., "reason": ...} each.
     set_aside: list[dict] = field(default_factory=list)
+    # With a broker ([broker] url): the worker host that took the current run; None before, or without a broker.
+    worker: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -324,7 +327,7 @@ class JobStore:
         db.execute(
             "UPDATE series SET state = ?, run = run + 1, last_received_at = max(last_received_at, ?), queued_at = NULL,"
             " started_at = NULL, denoised_at = NULL, finished_at = NULL, reason = NULL, cleaned_at = NULL,"
-            " instances = NULL, set_aside = NULL, updated_at = ?"
+            " instances = NULL, set_aside = NULL, worker = NULL, updated_at = ?"
             " WHERE series_uid = ?",
             (SeriesState.RECEIVED, now, now, series_uid),
         )
@@ -369,13 +372,29 @@ class JobStore:
             if row is None:
                 return None
             db.execute(
-                "UPDATE series SET state = ?, started_at = ?, reason = NULL, updated_at = ? WHERE series_uid = ?",
+                "UPDATE series SET state = ?, started_at = ?, reason = NULL, worker = NULL, updated_at = ? WHERE series_uid = ?",
                 (SeriesState.DENOISING, now, now, row["series_uid"]),
             )
             paths = [Path(r[0]) for r in db.execute(
                 "SELECT path FROM instances WHERE series_uid = ? ORDER BY path", (row["series_uid"],)
             )]
         return Job(row["series_uid"], row["run"], [p for p in paths if p.is_file()])
+
+    def is_denoising(self, series_uid: str, run: int) -> bool:
+        """This run of the series is the one being denoised now: a broker result for any other
+        (a re-delivered duplicate, a run that new instances replaced) must be ignored."""
+        with self._lock:
+            row = self._db.execute("SELECT state, run FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        return row is not None and row["state"] == SeriesState.DENOISING and row["run"] == run
+
+    def taken_by(self, series_uid: str, run: int, worker: str, now: float | None = None) -> bool:
+        """A broker worker host started this run; False (nothing changed) when the run is no longer being denoised."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE series SET worker = ?, updated_at = ? WHERE series_uid = ? AND run = ? AND state = ?",
+                (worker, now, series_uid, run, SeriesState.DENOISING),
+            ).rowcount == 1
 
     def denoised(
         self,
@@ -667,6 +686,8 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE series ADD COLUMN instances INTEGER")
     if "set_aside" not in have:
         db.execute("ALTER TABLE series ADD COLUMN set_aside TEXT")
+    if "worker" not in have:
+        db.execute("ALTER TABLE series ADD COLUMN worker TEXT")
     if "pending_since" not in {r["name"] for r in db.execute("PRAGMA table_info(deliveries)")}:
         db.execute("ALTER TABLE deliveries ADD COLUMN pending_since REAL")
         # The last attempt is the closest record of how long an earlier version has been trying.
