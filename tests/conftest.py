@@ -13,6 +13,7 @@ from ldct_node.node.jobs import JobStore
 from ldct_node.node.observe import Metrics
 from ldct_node.node.receive import Receiver
 from ldct_node.node.spool import Spool
+from tests import peers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SERIES = REPO.parent / "shared" / "data" / "pancreas-ct-cb001"
@@ -33,6 +34,16 @@ def tiny_weights(tmp_path_factory) -> Path:
     settings = TSCNetConfig(width=4, num_dems=2)
     card = ModelCard(name="test", version="0", architecture="tscnet", settings=settings.to_dict())
     return save_weights(TSCNet(settings), card, path)
+
+
+@pytest.fixture
+def dciodvfy():
+    """tests.peers.dciodvfy (error and warning lines of dicom3tools' validator); skips where it is not installed."""
+    try:
+        peers.require(peers.DCIODVFY)
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    return peers.dciodvfy
 
 
 @pytest.fixture

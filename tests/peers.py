@@ -255,9 +255,19 @@ def echoscu(port: int, called_aet: str, calling_aet: str = "ECHOSCU", timeout_s:
     return subprocess.run(command, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout_s)
 
 
-def dciodvfy(path: Path) -> subprocess.CompletedProcess:
-    """dicom3tools' validator; errors are lines starting with 'Error'."""
-    return subprocess.run([str(require(DCIODVFY)), str(path)], capture_output=True, text=True, timeout=60)
+def dciodvfy_findings(output: str) -> tuple[list[str], list[str]]:
+    """(error lines, warning lines) of dicom3tools' validator output. A line may name its kind after a
+    tag ('(0x0009,0x1001)  ?  - Warning - ...'), and 'Abort' (the file could not be read) is an error:
+    a file the validator never read must not pass as one without errors."""
+    lines = output.splitlines()
+    errors = [line for line in lines if "Error" in line or line.startswith("Abort")]
+    return errors, [line for line in lines if "Warning" in line]
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(error lines, warning lines) of dicom3tools' validator for the file."""
+    out = subprocess.run([str(require(DCIODVFY)), str(path)], capture_output=True, text=True, timeout=60)
+    return dciodvfy_findings(out.stdout + out.stderr)
 
 
 # --- the node under test -------------------------------------------------------------------------

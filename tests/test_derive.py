@@ -6,7 +6,6 @@ import dataclasses
 import datetime
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +43,8 @@ from ldct_node.dicom.derive import (
 from ldct_node.dicom.pixels import hu_to_stored, padding_mask, padding_values, rescale, restore_masked, stored_to_hu, stored_values
 from ldct_node.dicom.uids import NODE_NAMESPACE, SIMULATE_NAMESPACE, name_uid
 from tests import synthetic
+from tests.peers import dciodvfy_findings
 
-DCIODVFY = Path("/usr/bin/dciodvfy")
 DERIVATION = Derivation(model_name="tscnet-student", model_version="1.2.0", fingerprint="0123456789abcdef")
 SETTINGS = DeriveSettings()
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -468,12 +467,12 @@ def test_is_own_output_recognises_derived_instances_only(source, derived):
 # --- dciodvfy -------------------------------------------------------------------------------------
 
 
-def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    """(error lines, warning lines) of dicom3tools' validator for the file."""
-    tool = synthetic.require_tool(DCIODVFY)
-    out = subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=60)
-    lines = (out.stdout + out.stderr).splitlines()
-    return [line for line in lines if "Error" in line], [line for line in lines if "Warning" in line]
+def test_dciodvfy_findings_count_a_kind_named_after_a_tag_and_an_abort_as_an_error():
+    output = ("CTImage\n(0x0009,0x1001)  ?  - Warning - Unrecognized tag\nError - Missing attribute Type 1 <ImageType>\n"
+              "Abort - File open for read failed\n")
+    errors, warnings = dciodvfy_findings(output)
+    assert errors == ["Error - Missing attribute Type 1 <ImageType>", "Abort - File open for read failed"]
+    assert warnings == ["(0x0009,0x1001)  ?  - Warning - Unrecognized tag"]
 
 
 @pytest.mark.parametrize(
@@ -485,7 +484,7 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     ],
     ids=["unsigned", "signed-padding", "slope-0.5"],
 )
-def test_derived_synthetic_instances_pass_dciodvfy_without_errors_or_new_warnings(tmp_path, kwargs):
+def test_derived_synthetic_instances_pass_dciodvfy_without_errors_or_new_warnings(tmp_path, kwargs, dciodvfy):
     source_path = synthetic.save(synthetic.ct_dataset(rows=32, columns=32, **kwargs), tmp_path / "src.dcm")
     _, source_warnings = dciodvfy(source_path)
     path = tmp_path / "derived.dcm"
@@ -495,7 +494,7 @@ def test_derived_synthetic_instances_pass_dciodvfy_without_errors_or_new_warning
     assert set(warnings) <= set(source_warnings)
 
 
-def test_derived_shared_slice_passes_dciodvfy_and_round_trips_pixels(shared_series, tmp_path):
+def test_derived_shared_slice_passes_dciodvfy_and_round_trips_pixels(shared_series, tmp_path, dciodvfy):
     source_path = shared_series / "1-060.dcm"
     source_errors, source_warnings = dciodvfy(source_path)
     assert source_errors == []

@@ -174,8 +174,7 @@ def test_shared_series_from_storescu_arrives_derived_at_orthanc_and_storescp(
     delivered = storescp.received()
     assert_delivered_once(delivered, series_uid, sop_uids)
     for path in delivered:
-        report = peers.dciodvfy(path)
-        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        errors, _ = peers.dciodvfy(path)
         assert not errors, f"{path.name}: {errors}"
     source = pydicom.dcmread(sources[0], stop_before_pixels=True)
     derive = load_config(node.config_path).derive

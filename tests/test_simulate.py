@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -39,7 +37,7 @@ from ldct_train.simulate import (
     simulated_uid,
     view_angles,
 )
-from tests.synthetic import compress_j2k_lossy, ct_dataset, ct_series, require_tool, save, write_series
+from tests.synthetic import compress_j2k_lossy, ct_dataset, ct_series, save, write_series
 
 PIXEL_MM = 0.8
 SIZE = 256
@@ -391,18 +389,11 @@ def test_simulated_slice_of_a_lossy_source_records_the_lossy_history(tmp_path):
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
-def _dciodvfy(path) -> tuple[list[str], list[str]]:
-    tool = require_tool(Path("/usr/bin/dciodvfy"))
-    out = subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=60)
-    lines = (out.stdout + out.stderr).splitlines()
-    return [line for line in lines if "Error" in line], [line for line in lines if "Warning" in line]
-
-
-def test_simulated_slice_passes_dciodvfy_without_errors_or_new_warnings_but_its_local_code(tmp_path):
+def test_simulated_slice_passes_dciodvfy_without_errors_or_new_warnings_but_its_local_code(tmp_path, dciodvfy):
     source_path = save(ct_dataset(rows=32, columns=32, signed=True, bits_stored=16, padding_value=-2000), tmp_path / "src.dcm")
-    _, source_warnings = _dciodvfy(source_path)
+    _, source_warnings = dciodvfy(source_path)
     _simulated(pydicom.dcmread(source_path), tmp_path)
-    errors, warnings = _dciodvfy(tmp_path / "simulated.dcm")
+    errors, warnings = dciodvfy(tmp_path / "simulated.dcm")
     assert errors == []
     # The one new warning: dciodvfy knows no local ("99") coding scheme, and DICOM has no code for a simulation.
     assert {w for w in warnings if SIMULATION_CODE.scheme_designator not in w} <= set(source_warnings)
