@@ -14,6 +14,7 @@ from ldct_node.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "denoise": ("ldct_node.commands.denoise", "denoise the CT series in a folder tree into derived series"),
     "serve": ("ldct_node.commands.serve", "run the DICOM node: receive, denoise, send back to PACS"),
+    "worker": ("ldct_node.commands.worker", "scale-out worker host: denoise series taken from the [broker] queue"),
     "queue": ("ldct_node.commands.queue", "list, retry or purge the node's jobs"),
     "echo": ("ldct_node.commands.echo", "C-ECHO the configured destinations"),
     "simulate": ("ldct_train.simulate", "simulate low-dose CT from normal-dose DICOM in the projection domain"),

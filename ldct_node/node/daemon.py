@@ -4,7 +4,9 @@ Start-up, in order: configuration (one-line error on a bad file) → logging →
 lock (one node per data directory; a second one exits with a one-line error) → spool and queue
 (a damaged queue database is moved aside and rebuilt from the spool; restart recovery: interrupted denoising is queued again, spooled files without a row are
 re-indexed, sending resumes) → model, loaded once (one-line WeightsError if missing) →
-receiver (C-STORE SCP) → worker thread (assembly + denoise) → sender thread → HTTP
+receiver (C-STORE SCP) → worker thread (denoise; with ``[broker] url`` a dispatcher thread instead,
+which hands series to `ldct-node worker` hosts and applies their results, see ``ldct_node.node.broker``)
+→ sender thread → HTTP
 (/healthz, /metrics) → housekeeping thread (series assembly after the quiet period, retention) →
 ``READY=1`` to systemd. Then the main loop feeds systemd's watchdog while the receiver and every
 thread are alive. SIGTERM/SIGINT: ``STOPPING=1``,
@@ -34,6 +36,7 @@ from ldct_node.durable import DATA_FILE_MODE, private_dir
 from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
 from ldct_node.net.inference import DenoiseEngine
+from ldct_node.node.broker import Dispatcher, connect
 from ldct_node.node.housekeeping import Housekeeper
 from ldct_node.node.jobs import open_job_store
 from ldct_node.node.observe import DeliveryBacklog, Health, HttpServer, Metrics
@@ -123,12 +126,18 @@ class Node:
             ) from None
         self.metrics = Metrics(depth=self.queue.depth, spool_free=self.spool.free_bytes)
         self.metrics.registry.register(DeliveryBacklog(self.queue.pending_deliveries))
-        self.processor = processor or self._load_processor()
         self.receiver = Receiver(cfg.receive, self.spool, self.queue, metrics=self.metrics)
-        self.worker = Worker(
-            self.queue, self.processor, storage.outbox_dir, [d.name for d in cfg.send.destinations],
-            cfg.queue.poll_interval_s, self.metrics, disk_full_retry_s=storage.disk_full_retry_s,
-        )
+        destinations = [d.name for d in cfg.send.destinations]
+        # Scale-out: worker hosts (`ldct-node worker`) denoise; this node needs no model.
+        self.processor = None if cfg.broker.url else processor or self._load_processor()
+        if cfg.broker.url:
+            self.worker = Dispatcher(connect(cfg.broker.url), cfg.broker.stream, self.queue, storage.outbox_dir,
+                                     destinations, cfg.queue.poll_interval_s, self.metrics)
+        else:
+            self.worker = Worker(
+                self.queue, self.processor, storage.outbox_dir, destinations,
+                cfg.queue.poll_interval_s, self.metrics, disk_full_retry_s=storage.disk_full_retry_s,
+            )
         self.sender = Sender(self.queue, cfg.send, cfg.queue.poll_interval_s, self.metrics)
         self.housekeeper = Housekeeper(self.queue, self.spool, cfg.queue.quiet_period_s, storage.keep_days,
                                        cfg.queue.poll_interval_s)
