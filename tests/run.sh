@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: installs what the suite needs that is missing (the Debian DICOM peers
-# DCMTK, dicom3tools and Orthanc; the package with its test extras), then runs the whole suite.
+# DCMTK, dicom3tools and Orthanc, and redis-server for scale-out; the package with its test extras), then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +8,7 @@ missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -x /usr/bin/redis-server ] || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
