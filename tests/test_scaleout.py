@@ -319,3 +319,25 @@ def test_three_workers_one_killed_mid_series_deliver_every_instance_exactly_once
             peers.kill_hard(proc)
         node.stop()
         pacs.stop()
+
+
+def test_the_worker_unit_runs_ldct_node_worker_on_the_shared_data_directory_as_the_node_user():
+    from tests.test_node_peers import SYSTEMD, unit_directives
+
+    worker, node = unit_directives(SYSTEMD / "ldct-node-worker.service"), unit_directives(SYSTEMD / "ldct-node.service")
+    assert worker["ExecStart"] == [node["ExecStart"][0].replace(" serve ", " worker ")]
+    assert worker["ReadWritePaths"] == worker["RequiresMountsFor"] == ["/var/lib/ldct-node"]
+    assert (worker["User"], worker["Group"]) == (node["User"], node["Group"])  # same uid on the shared files
+    hardening = ("NoNewPrivileges", "ProtectSystem", "PrivateDevices", "SystemCallFilter", "RestrictAddressFamilies")
+    assert all(worker[key] == node[key] for key in hardening)
+
+
+def test_a_head_node_whose_broker_is_unreachable_stops_at_start_with_one_line(tmp_path, tiny_weights):
+    from ldct_node.node.broker import BrokerUnavailable
+    from ldct_node.node.daemon import Node
+
+    cfg = dataclasses.replace(config(tmp_path, tiny_weights),
+                              broker=BrokerSettings(url=f"redis://:pw@{peers.LOOPBACK}:{peers.free_port()}/0"))
+    with pytest.raises(BrokerUnavailable, match="start redis-server there or fix broker.url") as err:
+        Node(cfg)
+    assert "\n" not in str(err.value) and "pw" not in str(err.value)
