@@ -341,3 +341,78 @@ def test_a_head_node_whose_broker_is_unreachable_stops_at_start_with_one_line(tm
     with pytest.raises(BrokerUnavailable, match="start redis-server there or fix broker.url") as err:
         Node(cfg)
     assert "\n" not in str(err.value) and "pw" not in str(err.value)
+
+
+# --- one worker host in-process, with a fake processor ---------------------------------------------------
+
+
+class StoppedMidSeries:
+    """A processor during whose run the worker is told to stop (SIGTERM)."""
+
+    def __init__(self, host_ref: list):
+        self.host_ref = host_ref
+
+    def output_series_uid(self, series_uid: str) -> str:
+        return f"{series_uid}.9"
+
+    def denoise(self, sources, out_dir, progress):
+        self.host_ref[0].stopping.set()
+        progress(1, len(sources))
+        raise AssertionError("progress should have abandoned the series")
+
+
+def worker_host(url: str, processor, visibility_timeout_s: float = 60.0):
+    from ldct_node.commands.worker import WorkerHost
+    from ldct_node.config import Config
+
+    cfg = Config(broker=BrokerSettings(url=url, visibility_timeout_s=visibility_timeout_s))
+    return WorkerHost(job_queue(url, "w1", visibility_timeout_s), processor, cfg, "w1", Metrics())
+
+
+def add_job(url: str, tmp_path: Path) -> None:
+    source = tmp_path / "spool" / S / "1.2.3.1.dcm"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(b"x")
+    job_queue(url, "producer").client.xadd(streams("t")[0], encode_job(Job(S, 1, [source]), tmp_path / "outbox"))
+
+
+def published(url: str) -> list[Result]:
+    return [decode_result(fields) for _, fields in job_queue(url, "reader").client.xrange(streams("t")[1])]
+
+
+def test_a_worker_publishes_the_derived_series_it_wrote_into_the_shared_outbox(redis_url, tmp_path):
+    from tests.test_daemon import FakeProcessor
+
+    add_job(redis_url, tmp_path)
+    host = worker_host(redis_url, FakeProcessor())
+    host.handle(host.jobs.take(0.1))
+    started, finished = published(redis_url)
+    assert (started.worker, started.outcome) == ("w1", None)
+    assert finished.outcome.verdict == Verdict.DERIVED and finished.outcome.out_dir == str(tmp_path / "outbox" / f"{S}.9")
+    assert len(list((tmp_path / "outbox" / f"{S}.9").iterdir())) == 1
+
+
+def test_a_worker_stopped_mid_series_hands_it_back_at_once_and_publishes_no_outcome(redis_url, tmp_path):
+    add_job(redis_url, tmp_path)
+    ref: list = []
+    host = worker_host(redis_url, StoppedMidSeries(ref))
+    ref.append(host)
+    host.handle(host.jobs.take(0.1))
+    assert [r.outcome for r in published(redis_url)] == [None]  # "started" only
+    assert job_queue(redis_url, "w2", 60).take(0.1).job.series_uid == S  # long before the 60 s timeout
+
+
+def test_a_series_that_every_worker_died_on_is_failed_after_max_deliveries(redis_url, tmp_path):
+    from ldct_node.node.broker import MAX_DELIVERIES
+    from tests.test_daemon import FakeProcessor
+
+    add_job(redis_url, tmp_path)
+    dying = job_queue(redis_url, "dies", visibility_timeout_s=0.01)
+    for _ in range(MAX_DELIVERIES):
+        assert dying.take(0.1) is not None
+        time.sleep(0.02)
+    host = worker_host(redis_url, FakeProcessor(), visibility_timeout_s=0.01)
+    host.handle(host.jobs.take(0.1))
+    (result,) = published(redis_url)
+    assert result.outcome.verdict == Verdict.FAILED and f"taken {MAX_DELIVERIES} times" in result.outcome.reason
+    assert host.jobs.client.xlen(streams("t")[0]) == 0
