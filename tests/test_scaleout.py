@@ -416,3 +416,19 @@ def test_a_series_that_every_worker_died_on_is_failed_after_max_deliveries(redis
     (result,) = published(redis_url)
     assert result.outcome.verdict == Verdict.FAILED and f"taken {MAX_DELIVERIES} times" in result.outcome.reason
     assert host.jobs.client.xlen(streams("t")[0]) == 0
+
+
+def test_a_malformed_job_is_dropped_once_instead_of_failing_every_worker(redis_url):
+    worker = job_queue(redis_url, "w1")
+    worker.client.xadd(streams("t")[0], {"series_uid": S})
+    assert worker.take(0.1) is None
+    assert worker.client.xlen(streams("t")[0]) == 0
+
+
+def test_a_malformed_worker_result_is_dropped_and_the_dispatcher_goes_on(redis_url, queue, tmp_path):
+    from ldct_node.node.broker import connect
+
+    dispatcher = Dispatcher(connect(redis_url), "t", queue, tmp_path / "outbox", [], 0.05)
+    dispatcher.client.xadd(streams("t")[1], {"type": "outcome", "series_uid": S})
+    assert dispatcher.step()
+    assert dispatcher.client.xlen(streams("t")[1]) == 0 and not dispatcher.degraded

@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
     engine = DenoiseEngine.from_path(cfg.model.weights, cfg.inference)
     log.info("model loaded", model=engine.card.model_id)
     metrics = Metrics()
-    host = WorkerHost(JobQueue(client, cfg.broker.stream, name, cfg.broker.visibility_timeout_s),
+    # The Redis consumer is unique per process even when hosts share a worker_name: ownership checks rely on it.
+    consumer = f"{name}-{uuid.uuid4().hex[:8]}"
+    host = WorkerHost(JobQueue(client, cfg.broker.stream, consumer, cfg.broker.visibility_timeout_s),
                       EngineProcessor(engine, cfg.derive, cfg.fidelity), cfg, name, metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: host.stopping.set())

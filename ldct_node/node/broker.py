@@ -214,10 +214,15 @@ class Dispatcher(PollingThread):
             self._read_from = ">"
             return False
         for entry_id, fields in entries:
-            result = decode_result(fields)
-            verdict = apply_result(self.queue, result, self.destinations, self.metrics)
-            if self.results:
-                self.results.count(result.worker, verdict)
+            try:
+                result = decode_result(fields or {})
+            except (KeyError, ValueError, TypeError) as exc:
+                # A message from another version, or one deleted while pending: one line, and not again.
+                log.error("malformed worker result dropped", entry_id=entry_id, error=one_line(exc))
+            else:
+                verdict = apply_result(self.queue, result, self.destinations, self.metrics)
+                if self.results:
+                    self.results.count(result.worker, verdict)
             self.client.xack(self.results_stream, HEAD_GROUP, entry_id)
             self.client.xdel(self.results_stream, entry_id)
         return True
@@ -293,8 +298,16 @@ class JobQueue:
         if not claimed:
             return None
         entry_id, fields = claimed[0]
+        try:
+            job = decode_job(fields or {})
+        except (KeyError, ValueError, TypeError) as exc:
+            # Taking it again would only fail again, on every worker in turn.
+            log.error("malformed job dropped", entry_id=entry_id, error=one_line(exc))
+            self.client.xack(self.jobs_stream, WORKERS_GROUP, entry_id)
+            self.client.xdel(self.jobs_stream, entry_id)
+            return None
         pending = self.client.xpending_range(self.jobs_stream, WORKERS_GROUP, entry_id, entry_id, 1)
-        return Taken(entry_id, decode_job(fields), pending[0]["times_delivered"] if pending else 1)
+        return Taken(entry_id, job, pending[0]["times_delivered"] if pending else 1)
 
     def _owned(self, script, entry_id: str, *args) -> bool:
         return bool(script(keys=[self.jobs_stream, self.results_stream],
