@@ -211,6 +211,7 @@ def test_a_noise_bank_refuses_neighbour_slices(bank, tmp_path, capsys):
     assert "--in-slices 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_report_on_the_banks_held_out_vendor_at_one_dose(bank, tiny_weights, tmp_path):
     report = tmp_path / "report"
     assert main(["evaluate", "--data", str(bank), "--split", "val", "--dose", "0.25", "--weights", f"tiny={tiny_weights}",

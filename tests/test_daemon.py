@@ -529,6 +529,8 @@ def test_echo_command_checks_each_destination(tmp_path, pacs, capsys):
     assert cli.main(["echo", "--config", str(write_config(tmp_path / "empty"))]) == 2
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_serve_tells_systemd_ready_and_stops_cleanly_on_sigterm(tmp_path, tiny_weights):
     tables = peers.node_tables(tmp_path / "data", peers.free_port(), peers.free_port(), tiny_weights)
     node = peers.make_node(tmp_path, tables)

@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ldct_node.net.model import TSCNetConfig
 from tests.test_trainer import make_pairs, read_metrics, write_teacher
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 DDP_TIMEOUT_S = 240
 

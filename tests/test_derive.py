@@ -475,6 +475,7 @@ def test_dciodvfy_findings_count_a_kind_named_after_a_tag_and_an_abort_as_an_err
     assert warnings == ["(0x0009,0x1001)  ?  - Warning - Unrecognized tag"]
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -494,6 +495,7 @@ def test_derived_synthetic_instances_pass_dciodvfy_without_errors_or_new_warning
     assert set(warnings) <= set(source_warnings)
 
 
+@pytest.mark.peers
 def test_derived_shared_slice_passes_dciodvfy_and_round_trips_pixels(shared_series, tmp_path, dciodvfy):
     source_path = shared_series / "1-060.dcm"
     source_errors, source_warnings = dciodvfy(source_path)

@@ -160,6 +160,8 @@ def send_ok(files: list[Path], node: peers.Node, calling_ae: str = SCANNER_AE) -
 # --- the whole path, with both PACS --------------------------------------------------------------
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_shared_series_from_storescu_arrives_derived_at_orthanc_and_storescp(
         shared_series, make_node, orthanc, storescp):
     need(peers.DCIODVFY)
@@ -204,6 +206,8 @@ def test_shared_series_from_storescu_arrives_derived_at_orthanc_and_storescp(
 # --- association level ---------------------------------------------------------------------------
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_echoscu_is_answered_and_callers_off_the_allow_list_are_rejected(make_node, storescp):
     allowed = [{"ae_title": "ECHOSCU"}, {"ae_title": "ELSEWHERE", "host": "192.0.2.1"}]
     node = make_node([storescp.destination("pacs")], receive={"allowed": allowed}).start()
@@ -228,6 +232,8 @@ def spooled(node: peers.Node, series_uid: str) -> int:
     return len(list(folder.glob("*.dcm"))) if folder.is_dir() else 0
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_kill_during_receive_then_resend_delivers_every_instance_once(make_node, storescp, tmp_path):
     sources = write_series(tmp_path / "in", 40, size=256)
     src_uid = source_series_uid(sources)
@@ -247,6 +253,8 @@ def test_kill_during_receive_then_resend_delivers_every_instance_once(make_node,
     assert_delivered_once(storescp.received(), series_uid, sop_uids)
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_kill_during_denoise_then_restart_delivers_the_same_uids(make_node, storescp, tmp_path):
     sources = write_series(tmp_path / "in", 40, size=256)
     src_uid = source_series_uid(sources)
@@ -264,6 +272,8 @@ def test_kill_during_denoise_then_restart_delivers_the_same_uids(make_node, stor
     assert_delivered_once(storescp.received(), series_uid, sop_uids)
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_kill_during_send_then_restart_delivers_the_same_uids(make_node, tmp_path):
     need(peers.STORESCP)
     sources = write_series(tmp_path / "in", 4)
@@ -285,6 +295,8 @@ def test_kill_during_send_then_restart_delivers_the_same_uids(make_node, tmp_pat
 # --- destination down ----------------------------------------------------------------------------
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_destination_down_then_up_is_delivered_by_retries_and_down_for_good_by_queue_retry(make_node, tmp_path):
     port = peers.free_port()  # nothing listens here until storescp is started on it
     pacs = {"name": "pacs", "ae_title": "PACS_SCP", "host": peers.LOOPBACK, "port": port}
@@ -345,6 +357,8 @@ def corrupt_copy(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_bad_input_gets_the_right_status_or_is_skipped_and_the_node_keeps_serving(
         make_node, storescp, tmp_path, monkeypatch):
     node = make_node([storescp.destination("pacs")]).start()
@@ -381,6 +395,8 @@ def test_bad_input_gets_the_right_status_or_is_skipped_and_the_node_keeps_servin
     assert node.process.poll() is None
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_full_spool_answers_out_of_resources_and_loses_nothing(make_node, storescp, tmp_path, monkeypatch):
     sources = write_series(tmp_path / "in", 3)
     src_uid = source_series_uid(sources)
@@ -433,6 +449,7 @@ def test_systemd_unit_runs_serve_as_notify_service_with_watchdog_state_directory
     assert set(unit["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
 
 
+@pytest.mark.peers
 def test_systemd_unit_passes_systemd_analyze_verify():
     analyze = Path("/usr/bin/systemd-analyze")
     need(analyze)
@@ -457,6 +474,8 @@ def test_example_configuration_loads_and_shows_every_setting():
             assert shown, f"{section.name}.{setting.name} is not in the example"
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_serve_tells_systemd_it_is_ready_and_feeds_the_watchdog(make_node, tmp_path):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))

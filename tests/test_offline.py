@@ -171,6 +171,8 @@ def test_missing_weights_is_a_one_line_error_and_writes_nothing(tmp_path, capsys
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
+@pytest.mark.peers
 def test_console_script_reports_user_errors_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ldct_node.cli", "denoise", str(tmp_path / "x"), str(tmp_path / "y")],
                           capture_output=True, text=True)
@@ -178,6 +180,7 @@ def test_console_script_reports_user_errors_in_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow
 def test_shared_series_goes_through_denoise_end_to_end_with_shipped_weights(tmp_path, shared_series, capsys):
     assert main(["denoise", str(shared_series), str(tmp_path / "out"), "--config", str(ungated_config(tmp_path)),
                  "--no-progress"]) == 0

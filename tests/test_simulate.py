@@ -389,6 +389,7 @@ def test_simulated_slice_of_a_lossy_source_records_the_lossy_history(tmp_path):
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
+@pytest.mark.peers
 def test_simulated_slice_passes_dciodvfy_without_errors_or_new_warnings_but_its_local_code(tmp_path, dciodvfy):
     source_path = save(ct_dataset(rows=32, columns=32, signed=True, bits_stored=16, padding_value=-2000), tmp_path / "src.dcm")
     _, source_warnings = dciodvfy(source_path)

@@ -8,6 +8,8 @@ import fcntl
 import os
 import subprocess
 
+import pytest
+
 from ldct_node.node.daemon import LOCK_FILE, lock_data_dir
 from tests import peers
 
@@ -24,6 +26,8 @@ def node_on(workdir, data_dir, weights) -> peers.Node:
     return peers.make_node(workdir, peers.node_tables(data_dir, peers.free_port(), peers.free_port(), weights))
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_a_held_data_directory_is_refused_in_one_line_before_the_queue_is_opened(tmp_path, tiny_weights):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -43,6 +47,8 @@ def test_a_held_data_directory_is_refused_in_one_line_before_the_queue_is_opened
     assert (data_dir / LOCK_FILE).read_text() == "4242\n"  # the holder's pid is left alone
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_a_second_node_is_refused_while_the_first_runs_and_a_killed_one_frees_the_directory(tmp_path, tiny_weights):
     data_dir = tmp_path / "data"
     first = node_on(tmp_path / "first", data_dir, tiny_weights).start()

@@ -92,6 +92,7 @@ def tls_args(key_cert: tuple[Path, Path], ca: tuple[Path, Path]) -> list[str]:
 # --- receive: DCMTK storescu over TLS to the node ------------------------------------------------
 
 
+@pytest.mark.peers
 def test_storescu_with_a_client_certificate_of_the_ca_stores_over_tls(tls_receiver, pki, dcmtk, series):
     receiver = tls_receiver(require_client_cert=True)
     done = storescu(series, receiver.port, "LDCT_NODE", extra_args=tls_args(pki["client"], pki["ca"]),
@@ -100,6 +101,7 @@ def test_storescu_with_a_client_certificate_of_the_ca_stores_over_tls(tls_receiv
     assert spooled(receiver) == 2
 
 
+@pytest.mark.peers
 def test_client_certificate_of_another_ca_is_refused_in_the_handshake(tls_receiver, pki, dcmtk, series):
     receiver = tls_receiver(require_client_cert=True)
     done = storescu(series, receiver.port, "LDCT_NODE", extra_args=tls_args(pki["rogue_client"], pki["ca"]),
@@ -108,6 +110,7 @@ def test_client_certificate_of_another_ca_is_refused_in_the_handshake(tls_receiv
     assert spooled(receiver) == 0 and refused(receiver) == 1
 
 
+@pytest.mark.peers
 def test_no_client_certificate_is_refused_when_the_ca_file_requires_one(tls_receiver, pki, dcmtk, series):
     receiver = tls_receiver(require_client_cert=True)
     done = storescu(series, receiver.port, "LDCT_NODE", extra_args=["+tla", "+cf", str(pki["ca"][1])],
@@ -116,6 +119,7 @@ def test_no_client_certificate_is_refused_when_the_ca_file_requires_one(tls_rece
     assert spooled(receiver) == 0 and refused(receiver) == 1
 
 
+@pytest.mark.peers
 def test_without_ca_file_a_sender_needs_no_certificate_of_its_own(tls_receiver, pki, dcmtk, series):
     receiver = tls_receiver(require_client_cert=False)
     done = storescu(series, receiver.port, "LDCT_NODE", extra_args=["+tla", "+cf", str(pki["ca"][1])],
@@ -124,6 +128,7 @@ def test_without_ca_file_a_sender_needs_no_certificate_of_its_own(tls_receiver, 
     assert spooled(receiver) == 2
 
 
+@pytest.mark.peers
 def test_plain_dicom_to_the_tls_port_is_refused_and_the_port_keeps_serving(tls_receiver, pki, dcmtk, series):
     receiver = tls_receiver(require_client_cert=True)
     plain = storescu(series, receiver.port, "LDCT_NODE", timeout_s=TIMEOUT_S)
@@ -133,6 +138,7 @@ def test_plain_dicom_to_the_tls_port_is_refused_and_the_port_keeps_serving(tls_r
     assert done.returncode == 0 and spooled(receiver) == 2
 
 
+@pytest.mark.peers
 def test_a_silent_connection_does_not_hold_up_the_handshake_of_others(tls_receiver, pki, dcmtk, series):
     """pynetdicom shakes hands in its accept loop; the node does it in the connection's own thread."""
     import socket
@@ -152,6 +158,7 @@ def _tls_destination(scp, **tls) -> Destination:
     return Destination("pacs", scp.aet, "127.0.0.1", scp.port, tls=DestinationTls(**tls))
 
 
+@pytest.mark.peers
 def test_sender_stores_to_a_tls_storescp_verifying_its_certificate(tmp_path, pki, dcmtk, series):
     server = pki["server"]
     with running_storescp(tmp_path / "pacs", extra_args=["+tls", str(server[0]), str(server[1]), "-ic"]) as scp:
@@ -159,6 +166,7 @@ def test_sender_stores_to_a_tls_storescp_verifying_its_certificate(tmp_path, pki
         assert result.sent == 2 and len(scp.received()) == 2
 
 
+@pytest.mark.peers
 def test_sender_presents_its_client_certificate_to_a_storescp_that_requires_one(tmp_path, pki, dcmtk, series):
     server, client = pki["server"], pki["client"]
     with running_storescp(tmp_path / "pacs", extra_args=tls_args(server, pki["ca"])) as scp:  # -rc: required
@@ -170,6 +178,7 @@ def test_sender_presents_its_client_certificate_to_a_storescp_that_requires_one(
         assert result.sent == 2 and len(scp.received()) == 2
 
 
+@pytest.mark.peers
 def test_sender_refuses_a_storescp_whose_certificate_its_ca_did_not_sign(tmp_path, pki, dcmtk, series):
     server = pki["server"]
     with running_storescp(tmp_path / "pacs", extra_args=["+tls", str(server[0]), str(server[1]), "-ic"]) as scp:

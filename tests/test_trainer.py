@@ -316,6 +316,7 @@ def test_card_data_file_is_merged_into_the_model_card(pairs, tmp_path):
     assert data["slices"] == {"train": 2 * SLICES, "val": SLICES}
 
 
+@pytest.mark.slow
 def test_a_single_patient_is_cut_into_slabs_that_train_and_evaluate_share(tmp_path, capsys):
     from ldct_train.metrics import slice_metrics
 
