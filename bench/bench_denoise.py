@@ -9,6 +9,8 @@ same call the node makes (scaling, padding, batching, correction), on CT-like ra
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import os
 import platform
@@ -20,6 +22,7 @@ import torch
 
 from ldct_node.config import InferenceSettings
 from ldct_node.net.inference import DenoiseEngine
+from ldct_node.net.model import ModulatedDeformConv
 
 SIZE = 512
 
@@ -55,6 +58,103 @@ def time_engine(engine: DenoiseEngine, slices: int, repeats: int) -> float:
     return slices / best
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(call, device: torch.device, repeats: int) -> float:
+    """Fastest of `repeats` runs of call(), in seconds, after one warm-up (kernels, autotuning, compilation)."""
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def deform_share(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Fraction of one eager forward pass spent in the modulated deformable convolutions."""
+    spent = [0.0]
+
+    def before(module, inputs):
+        synchronize(device)
+        module.started = time.perf_counter()
+
+    def after(module, inputs, output):
+        synchronize(device)
+        spent[0] += time.perf_counter() - module.started
+
+    hooks = [h for m in model.modules() if isinstance(m, ModulatedDeformConv)
+             for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        total = timed(lambda: model(x), device, 1)
+        spent[0] = 0.0
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return spent[0] / total if total else 0.0
+
+
+def variant_row(engine: DenoiseEngine, device: torch.device, dtype: str, compile_mode: str, layout: str, batch: int,
+                repeats: int, reference: dict) -> dict:
+    row = {"device": device.type, "dtype": dtype, "compile": compile_mode, "layout": layout, "batch_size": batch}
+    model = copy.deepcopy(engine.model).to(device, memory_format=LAYOUTS[layout]).eval()
+    torch.manual_seed(0)
+    x = torch.rand(batch, engine.in_slices, SIZE, SIZE, device=device).contiguous(memory_format=LAYOUTS[layout])
+    try:
+        net = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)
+
+        @torch.inference_mode()
+        def forward():
+            with torch.autocast(device_type=device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+                return net(x)
+
+        seconds = timed(forward, device, repeats)
+        out = forward().float()
+    except Exception as exc:  # noqa: BLE001 - a variant this machine cannot run is reported, not fatal
+        return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    key = (device.type, batch)
+    reference.setdefault(key, out)
+    row["slices_per_s"] = round(batch / seconds, 3)
+    row["max_change_hu"] = round(float((out - reference[key]).abs().max()) * engine.scaling.span, 3)
+    if compile_mode == "none":
+        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+            row["deform_share"] = round(deform_share(model, x, device), 3)
+    return row
+
+
+def bench_variants(engine: DenoiseEngine, devices: list[str], dtypes: list[str], compile_modes: list[str],
+                   batch_sizes: list[int], repeats: int) -> list[dict]:
+    rows, reference = [], {}
+    # fp32 eager contiguous first: it is every other variant's reference.
+    order = sorted(itertools.product(dtypes, compile_modes, LAYOUTS),
+                   key=lambda v: (v[0] != "fp32", v[1] != "none", v[2] != "contiguous"))
+    for device in devices:
+        for batch in batch_sizes:
+            for dtype, compile_mode, layout in order:
+                row = variant_row(engine, torch.device(device), dtype, compile_mode, layout, batch, repeats, reference)
+                rows.append(row)
+                print(format_variant(row), flush=True)
+    return rows
+
+
+def format_variant(row: dict) -> str:
+    head = f"{row['device']:5s} {row['dtype']:5s} {row['compile']:16s} {row['layout']:14s} {row['batch_size']:5d}"
+    if "error" in row:
+        return f"{head}  not run: {row['error']}"
+    share = f"{row['deform_share']:8.2f}" if "deform_share" in row else f"{'':8s}"
+    return f"{head} {row['slices_per_s']:10.2f} {row['max_change_hu']:8.3f} {share}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, help="default: the shipped student")
@@ -62,6 +162,10 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=16, help="slices per timed run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs; the fastest counts")
     parser.add_argument("--json", type=Path, default=Path("bench/results/denoise.json"))
+    parser.add_argument("--variants", action="store_true", help="also time the network per dtype, compile mode and layout")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "fp16", "bf16"])
+    parser.add_argument("--compile", nargs="+", default=["none", "default", "reduce-overhead"], metavar="MODE",
+                        help="torch.compile modes ('none': eager; 'reduce-overhead' uses CUDA graphs)")
     args = parser.parse_args()
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -83,6 +187,10 @@ def main() -> None:
     print(f"{'device':8s}{'batch':>6s}{'slices/s':>10s}")
     for row in rows:
         print(f"{row['device']:8s}{row['batch_size']:6d}{row['slices_per_s']:10.2f}")
+    if args.variants:
+        print()
+        print(f"{'device':5s} {'dtype':5s} {'compile':16s} {'layout':14s} {'batch':>5s} {'slices/s':>10s} {'max ΔHU':>8s} {'deform':>8s}")
+        result["variants"] = bench_variants(engine, devices, args.dtypes, args.compile, args.batch_sizes, args.repeats)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {args.json}")
