@@ -270,6 +270,26 @@ def worker_metric(http_port: int, name: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
+def kill_a_worker_mid_series(node, workers: dict[str, tuple[subprocess.Popen, int]]):
+    """kill -9 a worker that holds a series and has not finished it; the series' row as it was then.
+    The worker is frozen first, then the head is given time to apply anything it published: one that
+    finished in between is let go and the next holder is tried, so the kill never lands after the fact."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = [row for row in node.queue.jobs((SeriesState.DENOISING,)) if row.worker]
+        if held:
+            proc = workers[held[0].worker][0]
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(10 * node.cfg.queue.poll_interval_s)
+            row = node.queue.series(held[0].series_uid)
+            if (row.state, row.run, row.worker) == (SeriesState.DENOISING, held[0].run, held[0].worker):
+                peers.kill_hard(proc)
+                return row
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    pytest.fail("no worker was seen holding a series")
+
+
 def test_three_workers_one_killed_mid_series_deliver_every_instance_exactly_once(redis_url, tmp_path):
     weights = Path(__file__).resolve().parents[1] / "weights" / "tscnet-student-v2.safetensors"
     pacs = Pacs()
@@ -292,16 +312,7 @@ def test_three_workers_one_killed_mid_series_deliver_every_instance_exactly_once
         # From scanners in parallel, so the series are complete together and the workers share them.
         with ThreadPoolExecutor(SERIES) as scanners:
             assert all(set(statuses) == {0} for statuses in scanners.map(lambda series: send(node, series), sent))
-        # Kill the first worker seen holding a series, while it holds it.
-        deadline = time.monotonic() + 30
-        victim = None
-        while victim is None and time.monotonic() < deadline:
-            held = [row for row in node.queue.jobs((SeriesState.DENOISING,)) if row.worker]
-            if held:
-                victim = held[0]
-                peers.kill_hard(workers[victim.worker][0])
-            time.sleep(0.01)
-        assert victim is not None, "no worker was seen holding a series"
+        victim = kill_a_worker_mid_series(node, workers)
         rows = [wait_state(node.queue, series[0].SeriesInstanceUID, SeriesState.DONE) for series in sent]
         # The killed worker's series was derived by another one, after the visibility timeout.
         assert node.queue.series(victim.series_uid).worker != victim.worker

@@ -206,12 +206,17 @@ class Dispatcher(PollingThread):
         self.broker_down = None
         return worked
 
-    def _collect(self) -> bool:
+    def _read(self) -> list:
         answer = self.client.xreadgroup(HEAD_GROUP, HEAD_CONSUMER, {self.results_stream: self._read_from},
                                         count=RESULTS_PER_STEP)
-        entries = answer[0][1] if answer else []
+        return answer[0][1] if answer else []
+
+    def _collect(self) -> bool:
+        entries = self._read()
+        if not entries and self._read_from == "0":
+            self._read_from = ">"  # nothing left from before a restart: new results from now on
+            entries = self._read()
         if not entries:
-            self._read_from = ">"
             return False
         for entry_id, fields in entries:
             try:
