@@ -28,6 +28,7 @@ from ldct_node.node.broker import (
     encode_job,
     encode_result,
     redacted,
+    staging_dir,
     streams,
 )
 from ldct_node.node.jobs import Job, JobStore, SeriesState
@@ -42,8 +43,18 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 S = "1.2.3"
-DERIVED = Outcome(Verdict.DERIVED, derived_series_uid="1.2.3.9", out_dir="/outbox/1.2.3.9", slices=2, skipped=1,
-                  seconds=0.5, set_aside=(("1.2.3.3", "pixel data does not decode"),), log_fields={"mean_hu_change": 0.1})
+DERIVED = Outcome(Verdict.DERIVED, derived_series_uid="1.2.3.9", out_dir="/outbox/1.2.3.9.1-0.partial", slices=2,
+                  skipped=1, seconds=0.5, set_aside=(("1.2.3.3", "pixel data does not decode"),),
+                  log_fields={"mean_hu_change": 0.1})
+
+
+def derived_in(outbox: Path, entry_id: str = "1-0") -> Outcome:
+    """DERIVED, its two files written by a worker into its staging folder for job entry_id."""
+    staging = staging_dir(outbox, "1.2.3.9", entry_id)
+    staging.mkdir(parents=True)
+    for name in ("a.dcm", "b.dcm"):
+        (staging / name).write_bytes(b"x")
+    return dataclasses.replace(DERIVED, out_dir=str(staging))
 
 
 # --- messages and settings --------------------------------------------------------------------------
@@ -114,14 +125,25 @@ def test_a_started_result_records_the_worker_that_holds_the_series(queue, tmp_pa
 
 def test_a_derived_result_hands_the_series_to_the_sender_and_a_duplicate_is_ignored(queue, tmp_path):
     job = denoising(queue, tmp_path)
-    assert apply_result(queue, Result(S, job.run, "gpu-1", DERIVED), ["pacs"], None) == Verdict.DERIVED
+    outbox = tmp_path / "outbox"
+    assert apply_result(queue, Result(S, job.run, "gpu-1", derived_in(outbox)), ["pacs"], None) == Verdict.DERIVED
     row = queue.series(S)
     assert (row.state, row.outbox, row.slices, row.set_aside) == (
-        SeriesState.SENDING, "/outbox/1.2.3.9", 2, [{"sop_uid": "1.2.3.3", "reason": "pixel data does not decode"}])
-    # The same run derived again by a worker that took the job over: the series is sent once.
-    assert apply_result(queue, Result(S, job.run, "gpu-2", DERIVED), ["pacs"], None) == "ignored"
+        SeriesState.SENDING, str(outbox / "1.2.3.9"), 2, [{"sop_uid": "1.2.3.3", "reason": "pixel data does not decode"}])
+    assert sorted(p.name for p in outbox.iterdir()) == ["1.2.3.9"]  # the head moved it out of staging
+    # The same run derived again (a head restart dispatched it twice): ignored, its folder removed, sent once.
+    duplicate = derived_in(outbox, entry_id="2-0")
+    assert apply_result(queue, Result(S, job.run, "gpu-2", duplicate), ["pacs"], None) == "ignored"
     assert apply_result(queue, Result(S, job.run, "gpu-2"), ["pacs"], None) == "ignored"
+    assert sorted(p.name for p in outbox.iterdir()) == ["1.2.3.9"]
     assert queue.series(S).worker is None and len(queue.series(S).deliveries) == 1
+
+
+def test_a_derived_series_missing_from_the_shared_outbox_fails_with_what_to_check(queue, tmp_path):
+    job = denoising(queue, tmp_path)
+    apply_result(queue, Result(S, job.run, "gpu-1", DERIVED), ["pacs"], None)  # /outbox/... does not exist here
+    row = queue.series(S)
+    assert row.state == SeriesState.FAILED and "check the shared outbox mount" in row.reason and not row.deliveries
 
 
 def test_a_result_for_a_run_that_new_instances_replaced_is_ignored(queue, tmp_path):
@@ -226,7 +248,7 @@ def test_the_dispatcher_hands_queued_series_out_and_applies_what_comes_back(redi
     taken = worker.take(0.1)
     assert taken.job == BrokerJob(S, 1, [job_path], tmp_path / "outbox")
     worker.report(Result(S, 1, "w1"))
-    assert worker.complete(taken.entry_id, Result(S, 1, "w1", DERIVED))
+    assert worker.complete(taken.entry_id, Result(S, 1, "w1", derived_in(tmp_path / "outbox", taken.entry_id)))
     assert dispatcher.step()
     row = queue.series(S)
     assert (row.state, row.worker, row.reason) == (SeriesState.DONE, "w1", "kept in outbox (no destination configured)")
@@ -396,11 +418,13 @@ def test_a_worker_publishes_the_derived_series_it_wrote_into_the_shared_outbox(r
 
     add_job(redis_url, tmp_path)
     host = worker_host(redis_url, FakeProcessor())
-    host.handle(host.jobs.take(0.1))
+    taken = host.jobs.take(0.1)
+    host.handle(taken)
     started, finished = published(redis_url)
     assert (started.worker, started.outcome) == ("w1", None)
-    assert finished.outcome.verdict == Verdict.DERIVED and finished.outcome.out_dir == str(tmp_path / "outbox" / f"{S}.9")
-    assert len(list((tmp_path / "outbox" / f"{S}.9").iterdir())) == 1
+    staging = staging_dir(tmp_path / "outbox", f"{S}.9", taken.entry_id)
+    assert finished.outcome.verdict == Verdict.DERIVED and finished.outcome.out_dir == str(staging)
+    assert len(list(staging.iterdir())) == 1
 
 
 def test_a_worker_stopped_mid_series_hands_it_back_at_once_and_publishes_no_outcome(redis_url, tmp_path):

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge
 from ldct_node.config import Config, load_config
 from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger, one_line
-from ldct_node.node.broker import MAX_DELIVERIES, Heartbeat, JobQueue, Result, Taken, connect, redacted
+from ldct_node.node.broker import MAX_DELIVERIES, Heartbeat, JobQueue, Result, Taken, connect, redacted, staging_dir
 from ldct_node.node.observe import HttpServer, Metrics
 from ldct_node.node.worker import Outcome, SeriesProcessor, SeriesProgress, Verdict, run_series
 
@@ -140,7 +140,7 @@ class WorkerHost:
         self.busy = True
         heartbeat.start()
         try:
-            out_dir = job.outbox / self.processor.output_series_uid(job.series_uid)
+            out_dir = staging_dir(job.outbox, self.processor.output_series_uid(job.series_uid), taken.entry_id)
             outcome = run_series(self.processor, job.sources, out_dir, self.metrics, bound, guarded)
         finally:
             heartbeat.stop()

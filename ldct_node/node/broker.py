@@ -17,15 +17,19 @@ with XAUTOCLAIM and derives the series again. Renewing and completing first chec
 still this worker's, so a worker that was taken over (stalled, cut off from Redis) publishes nothing.
 The head applies an outcome only to the series' current denoising run and ignores any other
 (a duplicate, a run replaced by newly arrived instances); only the head sends, and derived UIDs are
-deterministic, so PACS sees every instance once even when a series was derived twice.
+deterministic, so PACS sees every instance once even when a series was derived twice. Workers write
+into a staging folder per job (``staging_dir``); the head alone moves an applied run's output to
+``<outbox>/<derived UID>``, so no worker ever writes into a folder that is being sent.
 A job whose workers died ``MAX_DELIVERIES`` times (a series that kills the process) is failed with
 that reason instead of taking down every worker in turn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,12 +153,29 @@ class ResultCounter:
         self.counter.labels(worker=worker, verdict=verdict).inc()
 
 
+def staging_dir(outbox: Path, derived_series_uid: str, entry_id: str) -> Path:
+    """Where a worker writes the derived series of one job: its own folder beside the final one, so
+    that no other delivery of a job (a head restart dispatches a series again) writes into a folder the
+    head is sending from. A worker that takes over a dead one's job reuses (and empties) its folder."""
+    return outbox / f"{derived_series_uid}.{entry_id}.partial"
+
+
+def promote(staging: Path, derived_series_uid: str) -> Path:
+    """The head, sole writer of final outbox folders, moves an applied run's output to <outbox>/<derived UID>."""
+    final = staging.parent / derived_series_uid
+    shutil.rmtree(final, ignore_errors=True)  # an earlier run's output: this run replaces it
+    staging.rename(final)
+    return final
+
+
 def apply_result(queue: JobStore, result: Result, destinations: list[str], metrics: Metrics | None) -> str:
     """Apply one worker result to the job store: only to the series' current denoising run. Returns
     what it counted as: "ignored", "started" or the outcome's verdict."""
     bound = log.bind(series_uid=result.series_uid, run=result.run, worker=result.worker)
     if not queue.is_denoising(result.series_uid, result.run):
         bound.info("stale worker result ignored", result=OUTCOME if result.outcome else STARTED)
+        if result.outcome and result.outcome.out_dir:
+            shutil.rmtree(result.outcome.out_dir, ignore_errors=True)  # its own staging folder, never sent
         return "ignored"
     if result.outcome is None:
         queue.taken_by(result.series_uid, result.run, result.worker)
@@ -164,9 +185,16 @@ def apply_result(queue: JobStore, result: Result, destinations: list[str], metri
         reason = f"{result.outcome.reason} on worker {result.worker}: queued again"
         bound.warning("series waits for disk space", reason=reason)
         queue.requeue(result.series_uid, reason)
-    else:
-        apply_outcome(queue, result.series_uid, result.outcome, destinations, metrics, bound)
-    return result.outcome.verdict
+        return result.outcome.verdict
+    outcome = result.outcome
+    if outcome.verdict == Verdict.DERIVED:
+        try:
+            outcome = dataclasses.replace(outcome, out_dir=str(promote(Path(outcome.out_dir), outcome.derived_series_uid)))
+        except OSError as exc:
+            outcome = Outcome(Verdict.FAILED, f"cannot move the derived series into the outbox: {one_line(exc)};"
+                                              " check the shared outbox mount, then 'ldct-node queue retry'")
+    apply_outcome(queue, result.series_uid, outcome, destinations, metrics, bound)
+    return outcome.verdict
 
 
 class Dispatcher(PollingThread):
