@@ -467,3 +467,10 @@ def test_a_malformed_worker_result_is_dropped_and_the_dispatcher_goes_on(redis_u
     dispatcher.client.xadd(streams("t")[1], {"type": "outcome", "series_uid": S})
     assert dispatcher.step()
     assert dispatcher.client.xlen(streams("t")[1]) == 0 and not dispatcher.degraded
+
+
+def test_a_worker_given_a_configuration_without_a_broker_says_to_set_one(tmp_path, capsys):
+    path = tmp_path / "node.toml"
+    path.write_text("[queue]\nquiet_period_s = 1\n")
+    assert cli.main(["worker", "--config", str(path)]) == 2
+    assert "set [broker] url" in capsys.readouterr().err
