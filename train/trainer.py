@@ -44,6 +44,7 @@ from ldct_node import __version__
 from ldct_node.durable import atomic_write, atomic_write_text
 from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger
+from ldct_node.net.inference import fast_memory_format
 from ldct_node.net.model import build_model
 from ldct_node.net.weights import InputScaling, ModelCard, load_weights, save_weights
 
@@ -226,7 +227,8 @@ class Trainer:
         self.out, self.val_every = files.out, files.val_every
         self.scaling = InputScaling()
         torch.manual_seed(recipe.seed)
-        self.model = build_model(recipe.architecture, recipe.settings).to(device)
+        self.memory_format = fast_memory_format(device)
+        self.model = build_model(recipe.architecture, recipe.settings).to(device, memory_format=self.memory_format)
         if recipe.stage == "teacher":
             # TSC-Net's head starts at zero (identity), which solves NDCT -> NDCT at step 0 with zero
             # gradients; the teacher must start from a correction to cancel so its features learn.
@@ -266,7 +268,8 @@ class Trainer:
             raise CommandError(f"--teacher {path} is a {loaded.card.architecture} network: pass a TSC-Net teacher")
         check_teacher_fits(self.recipe.settings, loaded.card.settings)
         loaded.model.requires_grad_(False)
-        return loaded.model.eval(), {"path": str(loaded.path), "model": loaded.card.model_id, "sha256": loaded.card.sha256}
+        teacher = loaded.model.to(memory_format=self.memory_format).eval()
+        return teacher, {"path": str(loaded.path), "model": loaded.card.model_id, "sha256": loaded.card.sha256}
 
     def _load_init(self, path: Path) -> dict:
         """Copies the weights at ``path`` into the model; they must be of the recipe's architecture."""
@@ -313,8 +316,8 @@ class Trainer:
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(network input, normal stack, low-dose middle slice, normal-dose middle slice)."""
-        low = batch["low"].to(self.device, non_blocking=True)
-        normal = batch["normal"].to(self.device, non_blocking=True)
+        low = batch["low"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        normal = batch["normal"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         mid = low.shape[1] // 2
         # Stage 1 learns to reproduce the normal-dose image from itself.
         x = normal if self.recipe.stage == "teacher" else low

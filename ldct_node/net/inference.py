@@ -41,6 +41,13 @@ def resolve_device(name: str) -> torch.device:
 SAME_POSITION_MM = 1e-3
 
 
+def fast_memory_format(device: torch.device) -> torch.memory_format:
+    """The tensor layout the network runs fastest in on this device. On CPU oneDNN's convolutions
+    run about twice as fast on channels-last tensors for this network's few channels (inference,
+    bench_denoise; training steps about 1.4x); CUDA keeps the default layout until it is measured there."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 def slice_spacing(positions: Sequence[float | None]) -> float | None:
     """The stack's spacing: the median of the positive steps between consecutive known positions
     (sorted); None when fewer than two distinct positions are known."""
@@ -128,10 +135,7 @@ class DenoiseEngine:
             # Same input, same output: cuDNN's autotuner may pick non-deterministic kernels.
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        # On CPU oneDNN's convolutions run about twice as fast on channels-last tensors for this
-        # network's few channels (measured with bench/bench_denoise.py); CUDA keeps the default
-        # layout until it is measured there.
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.memory_format = fast_memory_format(self.device)
         self.model = loaded.model.to(self.device, memory_format=self.memory_format).eval()
         self.card = loaded.card
         self.scaling = loaded.card.input_scaling
