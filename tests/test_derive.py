@@ -207,15 +207,13 @@ def test_derived_image_type_is_derived_secondary_axial(derived):
     assert list(derived.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
 
 
-def test_rewritten_instance_keeps_the_source_image_type_only_when_asked(source):
+def test_rewritten_instance_is_derived_and_leaves_series_number_and_equipment_to_the_caller(source):
     kwargs = dict(series_uid="1.2.3", sop_uid="1.2.3.4", transfer_syntax=ExplicitVRLittleEndian,
                   derivation_description="test", derivation_code=Code("113087", "DCM", "Smoothing"))
-    stored = stored_values(source)
-    assert list(rewritten_instance(source, stored, **kwargs).ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
-    kept = rewritten_instance(source, stored, derived_image_type=False, **kwargs)
-    assert list(kept.ImageType) == list(source.ImageType)
-    assert "SeriesNumber" in kept and kept.SeriesNumber == source.SeriesNumber  # the caller's own, untouched
-    assert "ContributingEquipmentSequence" not in kept
+    rewritten = rewritten_instance(source, stored_values(source), **kwargs)
+    assert list(rewritten.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert "SeriesNumber" in rewritten and rewritten.SeriesNumber == source.SeriesNumber  # the caller's own, untouched
+    assert "ContributingEquipmentSequence" not in rewritten
 
 
 def test_derived_series_number_is_source_plus_offset(source, tmp_path):

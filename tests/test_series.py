@@ -68,6 +68,10 @@ def test_derived_image_of_another_system_is_refused():
     assert reason == "not an original/primary image (ImageType DERIVED\\SECONDARY\\AXIAL)"
 
 
+def test_derived_image_is_accepted_when_asked_for_training_and_evaluation():
+    assert classify(synthetic.derived_marker(synthetic.ct_dataset(rows=8, columns=8)), accept_derived=True) is None
+
+
 def test_own_output_is_refused_by_the_loop_guard():
     source = synthetic.ct_dataset(rows=8, columns=8)
     derived = derive_dataset(source, stored_values(source), series_uid="1.2.3", sop_uid="1.2.3.4",

@@ -268,7 +268,8 @@ def test_simulated_series_is_written_as_dicom_with_new_uids_and_everything_else_
         assert out.SeriesDescription == f"{src.SeriesDescription} simulated 5 % dose"
         assert out.DerivationDescription.startswith("Simulated 5 % dose by ldct-node")
         assert out.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-        for keyword in ("PatientName", "StudyInstanceUID", "ImagePositionPatient", "PixelSpacing", "RescaleIntercept", "ImageType", "InstanceNumber"):
+        assert list(out.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+        for keyword in ("PatientName", "StudyInstanceUID", "ImagePositionPatient", "PixelSpacing", "RescaleIntercept", "InstanceNumber"):
             assert out[keyword].value == src[keyword].value, keyword
         fill = src.pixel_array == -3024 + 1024  # intercept −1024
         inside = ~fill
@@ -359,12 +360,11 @@ def test_simulated_slice_names_its_derivation_and_its_source(tmp_path):
     assert (out.SeriesInstanceUID, out.SOPInstanceUID) == ("1.2.3", "1.2.3.4")
 
 
-def test_simulated_slice_stays_an_original_image_the_pairs_loader_reads(tmp_path):
-    """ImageType is the one rule of rewritten pixels the simulation does not share (see SIMULATION_CODE):
-    train/data.py reads a pair's folders through scan_tree, which takes ORIGINAL\\PRIMARY images only."""
+def test_simulated_slice_is_derived_so_the_node_leaves_it_alone_but_training_reads_it(tmp_path):
     out = _simulated(_rewritten_source(), tmp_path)
-    assert list(out.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
-    assert classify(out) is None and not is_own_output(out)
+    assert list(out.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert classify(out).label == "not an original/primary image"
+    assert classify(out, accept_derived=True) is None and not is_own_output(out)
 
 
 def test_simulated_slice_gets_new_file_meta_and_native_explicit_little_endian_pixels(tmp_path):

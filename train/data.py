@@ -226,8 +226,9 @@ def load_volume(path: Path) -> Volume:
 
 
 def _load_dicom_series(folder: Path) -> Volume:
-    """The one axial CT series under folder, slices ordered by position, in HU (the node's own pixel rules)."""
-    scan = scan_tree(folder)
+    """The one axial CT series under folder, slices ordered by position, in HU (the node's own pixel rules).
+    Derived images count: a pair's low-dose side is often a simulated (derived) series."""
+    scan = scan_tree(folder, accept_derived=True)
     if not scan.series:
         raise CommandError(f"no axial CT series found in {folder}: point the pairs file at a CT series folder")
     if len(scan.series) > 1:

@@ -404,11 +404,6 @@ SERIES_DESCRIPTION_MAX = 64  # the LO value representation
 # DerivationCodeSequence of a simulated slice. Hand-typed in a local ("99") coding scheme because
 # neither DICOM (CID 7203 Image Derivation) nor pydicom's code dictionary has a code for simulated
 # dose reduction or noise insertion; DerivationDescription says the rest.
-#
-# ImageType stays the source's ORIGINAL\PRIMARY instead of rewritten_instance's DERIVED\SECONDARY:
-# training and evaluation read a pair's low-dose folder through ldct_node.dicom.series.scan_tree
-# (train/data.py), which takes ORIGINAL\PRIMARY images only, so a DERIVED simulated series would not
-# load as a pair. Drop simulated_dataset's derived_image_type=False once that loader accepts derived series.
 SIMULATION_CODE = Code("SIMLOWDOSE", "99LDCTNODE", "Simulated low-dose noise insertion")
 # Slices read, simulated and written at a time: the simulation is slice by slice, so total-body
 # series of thousands of slices need not fit in memory at once.
@@ -465,7 +460,6 @@ def simulated_dataset(source: pydicom.Dataset, hu: np.ndarray, series_uid: str, 
     ds = rewritten_instance(
         source, new, series_uid=series_uid, sop_uid=sop_uid, transfer_syntax=ExplicitVRLittleEndian,
         derivation_description=derivation_text(dose, seed, settings), derivation_code=SIMULATION_CODE,
-        derived_image_type=False,  # see SIMULATION_CODE's comment: until the pairs loader takes derived series
     )
     ds.SeriesDescription = simulated_description(source.get("SeriesDescription"), dose)
     return ds

@@ -257,13 +257,12 @@ def rewritten_instance(
     transfer_syntax: str,
     derivation_description: str,
     derivation_code: Code,
-    derived_image_type: bool = True,
 ) -> FileDataset:
     """A new CT Image Storage instance of source carrying the stored values `stored`: the rules every
     rewrite of a slice's pixels follows. A copy of source without what the new pixels make false
     (_DROPPED, the old file meta and pixel group), with new file meta in transfer_syntax, the lossy
     compression history (lossy_compression), new Series and SOP Instance UIDs, ImageType
-    DERIVED\\SECONDARY\\AXIAL (the source's when derived_image_type is False), the derivation's
+    DERIVED\\SECONDARY\\AXIAL, the derivation's
     description and code, a SourceImageSequence that points at the source slice, and `stored` as
     native pixel data. Pure: the caller adds what is its own (series number and description,
     equipment, dates)."""
@@ -280,8 +279,7 @@ def rewritten_instance(
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.SeriesInstanceUID = series_uid
-    if derived_image_type:
-        ds.ImageType = DERIVED_IMAGE_TYPE
+    ds.ImageType = DERIVED_IMAGE_TYPE
     ds.DerivationDescription = derivation_description
     ds.DerivationCodeSequence = Sequence([code_item(derivation_code)])
     ds.SourceImageSequence = Sequence([_source_image(source)])

@@ -195,10 +195,13 @@ def _image_type(ds: pydicom.Dataset) -> list[str]:
     return [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
 
 
-def classify(ds: pydicom.Dataset) -> Verdict | None:
-    """None for an axial CT image to denoise, else the Verdict why it is left alone; never raises."""
+def classify(ds: pydicom.Dataset, accept_derived: bool = False) -> Verdict | None:
+    """None for an axial CT image to denoise, else the Verdict why it is left alone; never raises.
+
+    The node denoises original/primary images only. accept_derived also takes DERIVED (or
+    SECONDARY) images: training and evaluation read simulated low-dose series, which are derived."""
     try:
-        return _classify(ds)
+        return _classify(ds, accept_derived)
     except Exception as exc:  # noqa: BLE001 - a malformed value is a reason to skip, not a crash of the receiver
         return Verdict(VerdictKind.UNREADABLE, UNREADABLE, f"{type(exc).__name__}: {exc}")
 
@@ -207,7 +210,7 @@ def _ignore(label: str, detail: str | None = None) -> Verdict:
     return Verdict(VerdictKind.IGNORE, label, detail)
 
 
-def _classify(ds: pydicom.Dataset) -> Verdict | None:
+def _classify(ds: pydicom.Dataset, accept_derived: bool) -> Verdict | None:
     """classify's rules in order; may raise on malformed values."""
     if is_own_output(ds):
         return _ignore("ldct-node output", "loop guard")
@@ -218,7 +221,7 @@ def _classify(ds: pydicom.Dataset) -> Verdict | None:
     image_type = _image_type(ds)
     if "LOCALIZER" in image_type:
         return _ignore("localizer")
-    if image_type[:2] != ["ORIGINAL", "PRIMARY"]:
+    if image_type[:2] != ["ORIGINAL", "PRIMARY"] and not accept_derived:
         shown = "\\".join(image_type) or "none"
         return _ignore("not an original/primary image", f"ImageType {shown}")
     if "PixelData" not in ds:
@@ -281,7 +284,7 @@ def damage(path: Path, ds: pydicom.Dataset) -> str | None:
     return None
 
 
-def read_instance(path: Path) -> Instance | Skipped:
+def read_instance(path: Path, accept_derived: bool = False) -> Instance | Skipped:
     """The file's Instance when it is an axial CT image to denoise, else Skipped with the reason (also
     when its header makes it unusable: image_problem, the rules the receiver answers a failure for)."""
     try:
@@ -294,7 +297,7 @@ def read_instance(path: Path) -> Instance | Skipped:
         damaged = damage(path, ds)
         if damaged:
             return Skipped(path, damaged)
-        verdict = classify(ds)
+        verdict = classify(ds, accept_derived)
         if verdict:
             return Skipped(path, verdict.reason)
         problem = image_problem(ds)
@@ -313,12 +316,12 @@ def read_instance(path: Path) -> Instance | Skipped:
         return Skipped(path, f"{UNREADABLE} ({type(exc).__name__}: {exc})")
 
 
-def scan_files(paths: Iterable[Path]) -> ScanResult:
+def scan_files(paths: Iterable[Path], accept_derived: bool = False) -> ScanResult:
     """Classify the files and group the usable ones by SeriesInstanceUID; a repeated SOPInstanceUID keeps the first file."""
     result = ScanResult()
     kept: dict[str, Path] = {}
     for path in paths:
-        found = read_instance(Path(path))
+        found = read_instance(Path(path), accept_derived)
         if isinstance(found, Skipped):
             result.skipped.append(found)
         elif found.sop_uid in kept:
@@ -338,9 +341,9 @@ def _walk(root: Path) -> list[Path]:
     return [p for p in files if p.is_file()]
 
 
-def scan_tree(root: Path) -> ScanResult:
+def scan_tree(root: Path, accept_derived: bool = False) -> ScanResult:
     """scan_files over every file under root (any names, DICOMDIR, non-DICOM files, several series)."""
-    return scan_files(_walk(Path(root)))
+    return scan_files(_walk(Path(root)), accept_derived)
 
 
 def _stack_order(stack: list[Instance]) -> list[Instance]:
