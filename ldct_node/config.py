@@ -515,7 +515,7 @@ def load_config(path: Path | None = None) -> Config:
     if path is None:
         cfg = Config()
     else:
-        table = read_toml(path, "config file", ConfigError, not_found="check the path or omit --config for the embedded default",
+        table = read_toml(path, "config file", ConfigError, not_found="check the path (serve, denoise, queue and echo also run without --config, on the embedded default)",
                           unreadable="check its permissions (run as the service user)")
         cfg = _build(Config, table, "")
     validate(cfg)
