@@ -37,7 +37,7 @@ import torch
 from tensorboardX import SummaryWriter
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ldct_node import __version__
@@ -184,8 +184,18 @@ def load_split_data(pairs_path: Path, options: DataOptions, scaling: InputScalin
     return loaded, description
 
 
-def load_datasets(data: Path, recipe: Recipe, validating: bool, scaling: InputScaling):
-    """(training set, validation set or None, data description) from a pairs file or a noise bank."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What the command hands the trainer: its datasets and what they are (for the model card)."""
+
+    train: Dataset
+    val: Dataset | None
+    description: dict
+
+
+def load_datasets(data: Path, recipe: Recipe, validating: bool, scaling: InputScaling) -> TrainingData:
+    """The training set, the validation set (None when not validating) and their description, from a
+    pairs file or a noise bank."""
     in_slices, options = recipe.settings["in_slices"], recipe.data
     if is_bank(data):
         if in_slices != 1:
@@ -196,12 +206,15 @@ def load_datasets(data: Path, recipe: Recipe, validating: bool, scaling: InputSc
         val = BankSlices(load_bank(data, "val"), scaling, seed=recipe.seed) if validating else None
         described = describe_bank(data)
         described["slices"] = {"train": len(train.slices), "val": len(val.slices) if val else 0}
-        return train, val, described
-    splits, described = load_split_data(data, options, scaling)
-    train = PairedSlices(splits["train"], in_slices, options.patch_size, options.patches_per_epoch,
-                         augment=options.augment, seed=recipe.seed)
-    val = PairedSlices(splits["val"], in_slices) if splits["val"] and validating else None
-    return train, val, described
+    else:
+        splits, described = load_split_data(data, options, scaling)
+        train = PairedSlices(splits["train"], in_slices, options.patch_size, options.patches_per_epoch,
+                             augment=options.augment, seed=recipe.seed)
+        val = PairedSlices(splits["val"], in_slices) if splits["val"] and validating else None
+    if validating and val is None:
+        raise CommandError("no validation pairs: mark a pair (or a slices slab of one patient) split = \"val\", "
+                           "raise --val-fraction, or pass --val-every 0 to train without validation")
+    return TrainingData(train, val, described)
 
 
 # ---------------------------------------------------------------- the run
@@ -238,16 +251,6 @@ class Trainer:
         if recipe.variant.knowledge_transfer:
             self.teacher, self.teacher_info = self._load_teacher(files.teacher)
         self.vgg = load_vgg(files.vgg, device) if recipe.variant.contrast else None
-        # Data last: a missing teacher, --init or VGG file fails before any volume is read.
-        self.train_set, self.val_set, described = load_datasets(files.pairs, recipe, self.val_every > 0, self.scaling)
-        # What the trainer measured wins over what the caller describes.
-        self.data_description = {**files.card_data, **described}
-        if self.val_every > 0 and self.val_set is None:
-            raise CommandError("no validation pairs: mark a pair (or a slices slab of one patient) split = \"val\", "
-                               "raise --val-fraction, or pass --val-every 0 to train without validation")
-        self.sampler = DistributedSampler(self.train_set, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=recipe.seed)
-        self.loader = DataLoader(self.train_set, batch_size=recipe.schedule.batch_size, sampler=self.sampler,
-                                 num_workers=recipe.data.workers, pin_memory=device.type == "cuda")
         self.net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) if procs.distributed else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=recipe.schedule.lr, betas=recipe.schedule.adam_betas)
         self.amp_dtype = autocast_dtype(device, recipe.amp)
@@ -349,6 +352,15 @@ class Trainer:
 
     # -------------------------------------------------------- epochs
 
+    def _use(self, data: TrainingData) -> None:
+        self.train_set, self.val_set = data.train, data.val
+        # What the trainer measured wins over what the caller describes.
+        self.data_description = {**self.files.card_data, **data.description}
+        self.sampler = DistributedSampler(data.train, num_replicas=self.procs.world_size, rank=self.procs.rank, shuffle=True,
+                                          seed=self.recipe.seed)
+        self.loader = DataLoader(data.train, batch_size=self.recipe.schedule.batch_size, sampler=self.sampler,
+                                 num_workers=self.recipe.data.workers, pin_memory=self.device.type == "cuda")
+
     def _train_epoch(self) -> dict[str, float]:
         lr = lr_at(self.recipe.schedule, self.epoch)
         for group in self.optimizer.param_groups:
@@ -384,7 +396,8 @@ class Trainer:
             scores.append(psnr(rec_hu, nd_hu, HU_FULL))
         return float(np.mean(scores))
 
-    def fit(self) -> Path:
+    def fit(self, data: TrainingData) -> Path:
+        self._use(data)
         schedule = self.recipe.schedule
         writer = self._tensorboard()
         if self.epoch >= schedule.epochs and self.procs.is_main:
@@ -487,10 +500,12 @@ def run(args: argparse.Namespace) -> int:
             log.warning("teacher not used", variant=recipe.variant_name, teacher=str(args.teacher))
         if not args.resume and (args.out / "last.state.pt").exists():
             raise CommandError(f"{args.out} already holds a run (last.state.pt): pass --resume to continue it, or choose another --out")
+        # Networks first: a missing teacher, --init or VGG file fails before any volume is read.
         trainer = Trainer(recipe, files, procs, device)
+        data = load_datasets(files.pairs, recipe, files.val_every > 0, trainer.scaling)
         if args.resume:
             trainer.resume()
-        last = trainer.fit()
+        last = trainer.fit(data)
         if procs.is_main:
             best = args.out / "best.safetensors"
             log.info("training finished", last=str(last), best=str(best) if best.exists() else None,
