@@ -33,7 +33,7 @@ from ldct_node.node.broker import (
 )
 from ldct_node.node.jobs import Job, JobStore, SeriesState
 from ldct_node.node.observe import Metrics
-from ldct_node.node.worker import Outcome, Verdict
+from ldct_node.node.worker import Outcome, OutcomeKind
 from tests import peers
 from tests.synthetic import ct_series
 from tests.test_daemon import config, send, wait_state
@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 S = "1.2.3"
-DERIVED = Outcome(Verdict.DERIVED, derived_series_uid="1.2.3.9", out_dir="/outbox/1.2.3.9.1-0.partial", slices=2,
+DERIVED = Outcome(OutcomeKind.DERIVED, derived_series_uid="1.2.3.9", out_dir="/outbox/1.2.3.9.1-0.partial", slices=2,
                   skipped=1, seconds=0.5, set_aside=(("1.2.3.3", "pixel data does not decode"),),
                   log_fields={"mean_hu_change": 0.1})
 
@@ -66,7 +66,7 @@ def test_a_job_message_round_trips_with_its_spooled_paths():
     assert decode_job(fields) == BrokerJob(S, 2, [Path("/spool/1.2.3/a.dcm"), Path("/spool/1.2.3/b.dcm")], Path("/outbox"))
 
 
-@pytest.mark.parametrize("outcome", [None, DERIVED, Outcome(Verdict.FAILED, "ValueError: bad slice")])
+@pytest.mark.parametrize("outcome", [None, DERIVED, Outcome(OutcomeKind.FAILED, "ValueError: bad slice")])
 def test_a_result_message_round_trips_started_and_every_outcome(outcome):
     result = Result(S, 3, "gpu-1", outcome)
     assert decode_result(encode_result(result)) == result
@@ -126,7 +126,7 @@ def test_a_started_result_records_the_worker_that_holds_the_series(queue, tmp_pa
 def test_a_derived_result_hands_the_series_to_the_sender_and_a_duplicate_is_ignored(queue, tmp_path):
     job = denoising(queue, tmp_path)
     outbox = tmp_path / "outbox"
-    assert apply_result(queue, Result(S, job.run, "gpu-1", derived_in(outbox)), ["pacs"], None) == Verdict.DERIVED
+    assert apply_result(queue, Result(S, job.run, "gpu-1", derived_in(outbox)), ["pacs"], None) == OutcomeKind.DERIVED
     row = queue.series(S)
     assert (row.state, row.outbox, row.slices, row.set_aside) == (
         SeriesState.SENDING, str(outbox / "1.2.3.9"), 2, [{"sop_uid": "1.2.3.3", "reason": "pixel data does not decode"}])
@@ -158,15 +158,15 @@ def test_a_result_for_a_run_that_new_instances_replaced_is_ignored(queue, tmp_pa
 def test_a_failed_result_fails_the_series_with_its_reason_and_counts_it(queue, tmp_path):
     job = denoising(queue, tmp_path)
     metrics = Metrics()
-    outcome = Outcome(Verdict.FAILED, "ValueError: no axial CT image")
-    assert apply_result(queue, Result(S, job.run, "gpu-1", outcome), ["pacs"], metrics) == Verdict.FAILED
+    outcome = Outcome(OutcomeKind.FAILED, "ValueError: no axial CT image")
+    assert apply_result(queue, Result(S, job.run, "gpu-1", outcome), ["pacs"], metrics) == OutcomeKind.FAILED
     assert (queue.series(S).state, queue.series(S).reason) == (SeriesState.FAILED, "ValueError: no axial CT image")
     assert metrics.series_failed._value.get() == 1
 
 
 def test_a_full_outbox_on_a_worker_queues_the_series_again_with_the_reason(queue, tmp_path):
     job = denoising(queue, tmp_path)
-    outcome = Outcome(Verdict.NO_SPACE, "outbox volume full (No space left on device)")
+    outcome = Outcome(OutcomeKind.NO_SPACE, "outbox volume full (No space left on device)")
     apply_result(queue, Result(S, job.run, "gpu-1", outcome), ["pacs"], None)
     row = queue.series(S)
     assert row.state == SeriesState.QUEUED and "gpu-1" in row.reason and "outbox volume full" in row.reason
@@ -423,7 +423,7 @@ def test_a_worker_publishes_the_derived_series_it_wrote_into_the_shared_outbox(r
     started, finished = published(redis_url)
     assert (started.worker, started.outcome) == ("w1", None)
     staging = staging_dir(tmp_path / "outbox", f"{S}.9", taken.entry_id)
-    assert finished.outcome.verdict == Verdict.DERIVED and finished.outcome.out_dir == str(staging)
+    assert finished.outcome.verdict == OutcomeKind.DERIVED and finished.outcome.out_dir == str(staging)
     assert len(list(staging.iterdir())) == 1
 
 
@@ -449,7 +449,7 @@ def test_a_series_that_every_worker_died_on_is_failed_after_max_deliveries(redis
     host = worker_host(redis_url, FakeProcessor(), visibility_timeout_s=0.01)
     host.handle(host.jobs.take(0.1))
     (result,) = published(redis_url)
-    assert result.outcome.verdict == Verdict.FAILED and f"taken {MAX_DELIVERIES} times" in result.outcome.reason
+    assert result.outcome.verdict == OutcomeKind.FAILED and f"taken {MAX_DELIVERIES} times" in result.outcome.reason
     assert host.jobs.client.xlen(streams("t")[0]) == 0
 
 

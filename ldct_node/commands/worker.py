@@ -32,7 +32,7 @@ from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger, one_line
 from ldct_node.node.broker import MAX_DELIVERIES, Heartbeat, JobQueue, Result, Taken, connect, redacted, staging_dir
 from ldct_node.node.observe import HttpServer, Metrics
-from ldct_node.node.worker import Outcome, SeriesProcessor, SeriesProgress, Verdict, run_series
+from ldct_node.node.worker import Outcome, OutcomeKind, SeriesProcessor, SeriesProgress, run_series
 
 log = get_logger(__name__)
 
@@ -120,8 +120,8 @@ class WorkerHost:
         if taken.deliveries > 1:
             self.taken_over.inc()
         if taken.deliveries > MAX_DELIVERIES:
-            outcome = Outcome(Verdict.FAILED, f"taken {taken.deliveries - 1} times without a result (workers crashed or"
-                                              " ran out of memory?): see their logs, then 'ldct-node queue retry'")
+            outcome = Outcome(OutcomeKind.FAILED, f"taken {taken.deliveries - 1} times without a result (workers crashed or"
+                                                  " ran out of memory?): see their logs, then 'ldct-node queue retry'")
             bound.error("series given up after repeated worker deaths", reason=outcome.reason)
             self._publish(taken, outcome, bound)
             return
@@ -153,7 +153,7 @@ class WorkerHost:
             self._hand_back(taken, bound)
             return
         self._publish(taken, outcome, bound)
-        if outcome.verdict == Verdict.NO_SPACE:
+        if outcome.verdict == OutcomeKind.NO_SPACE:
             # The next series would find the same full volume: give the space time to come back.
             self.stopping.wait(self.cfg.storage.disk_full_retry_s)
 

@@ -41,7 +41,7 @@ from ldct_node.errors import UserError
 from ldct_node.logs import get_logger, one_line
 from ldct_node.node.jobs import Job, JobStore
 from ldct_node.node.observe import Metrics
-from ldct_node.node.worker import Outcome, Verdict, apply_outcome
+from ldct_node.node.worker import Outcome, OutcomeKind, apply_outcome
 from ldct_node.polling import PollingThread
 
 log = get_logger(__name__)
@@ -181,18 +181,18 @@ def apply_result(queue: JobStore, result: Result, destinations: list[str], metri
         queue.taken_by(result.series_uid, result.run, result.worker)
         bound.info("series taken by worker")
         return STARTED
-    if result.outcome.verdict == Verdict.NO_SPACE:
+    if result.outcome.verdict == OutcomeKind.NO_SPACE:
         reason = f"{result.outcome.reason} on worker {result.worker}: queued again"
         bound.warning("series waits for disk space", reason=reason)
         queue.requeue(result.series_uid, reason)
         return result.outcome.verdict
     outcome = result.outcome
-    if outcome.verdict == Verdict.DERIVED:
+    if outcome.verdict == OutcomeKind.DERIVED:
         try:
             outcome = dataclasses.replace(outcome, out_dir=str(promote(Path(outcome.out_dir), outcome.derived_series_uid)))
         except OSError as exc:
-            outcome = Outcome(Verdict.FAILED, f"cannot move the derived series into the outbox: {one_line(exc)};"
-                                              " check the shared outbox mount, then 'ldct-node queue retry'")
+            outcome = Outcome(OutcomeKind.FAILED, f"cannot move the derived series into the outbox: {one_line(exc)};"
+                                                  " check the shared outbox mount, then 'ldct-node queue retry'")
     apply_outcome(queue, result.series_uid, outcome, destinations, metrics, bound)
     return outcome.verdict
 

@@ -116,7 +116,7 @@ def reset_dir(path: Path) -> None:
     path.chmod(DATA_DIR_MODE)
 
 
-class Verdict(StrEnum):
+class OutcomeKind(StrEnum):
     """What a run of the processor came to, before the job store is told."""
 
     DERIVED = "derived"  # the derived series is in the outbox: send it (or keep it, with no destination)
@@ -130,7 +130,7 @@ class Outcome:
     """One run of one series, as the local worker or a broker worker host found it; plain data, so it
     travels as a broker message. log_fields: what the "series denoised"/"series finished" lines add."""
 
-    verdict: Verdict
+    verdict: OutcomeKind
     reason: str | None = None
     derived_series_uid: str | None = None
     out_dir: str | None = None
@@ -145,7 +145,7 @@ class Outcome:
 
     @classmethod
     def from_dict(cls, data: dict) -> Outcome:
-        return cls(**{**data, "verdict": Verdict(data["verdict"]),
+        return cls(**{**data, "verdict": OutcomeKind(data["verdict"]),
                       "set_aside": tuple((uid, reason) for uid, reason in data.get("set_aside", ()))})
 
 
@@ -161,10 +161,10 @@ def run_series(processor: SeriesProcessor, sources: list[Path], out_dir: Path,
     except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
         full = disk_full(exc)
         if full is None:
-            return Outcome(Verdict.FAILED, one_line(exc))
+            return Outcome(OutcomeKind.FAILED, one_line(exc))
         # A partial output only holds space that the next try (of any series) needs.
         shutil.rmtree(out_dir, ignore_errors=True)
-        return Outcome(Verdict.NO_SPACE, f"outbox volume full ({full.strerror or 'no space left'})")
+        return Outcome(OutcomeKind.NO_SPACE, f"outbox volume full ({full.strerror or 'no space left'})")
     finally:
         if metrics:
             metrics.series_progress(0, 0)  # no series in progress: a stale total would look stuck
@@ -176,7 +176,7 @@ def run_series(processor: SeriesProcessor, sources: list[Path], out_dir: Path,
     if not result.files:
         # Every instance set aside means the sender was answered success for a series that will
         # never reach PACS: failed, so the operator sees it, not done.
-        return Outcome(Verdict.FAILED if set_aside else Verdict.DONE,
+        return Outcome(OutcomeKind.FAILED if set_aside else OutcomeKind.DONE,
                        f"nothing to denoise ({len(result.skipped)} instances set aside)", set_aside=set_aside,
                        log_fields=shown)
     # Processors other than EngineProcessor (tests' fakes) may not measure fidelity.
@@ -188,8 +188,8 @@ def run_series(processor: SeriesProcessor, sources: list[Path], out_dir: Path,
             metrics.series_fidelity(fidelity, failed=failure is not None)
     if failure:
         shutil.rmtree(out_dir, ignore_errors=True)
-        return Outcome(Verdict.FAILED, f"{failure} (not sent)", log_fields=measures)
-    return Outcome(Verdict.DERIVED, derived_series_uid=result.derived_series_uid, out_dir=str(out_dir),
+        return Outcome(OutcomeKind.FAILED, f"{failure} (not sent)", log_fields=measures)
+    return Outcome(OutcomeKind.DERIVED, derived_series_uid=result.derived_series_uid, out_dir=str(out_dir),
                    slices=len(result.files), skipped=len(result.skipped), seconds=result.seconds,
                    set_aside=set_aside, log_fields={**measures, **shown})
 
@@ -198,7 +198,7 @@ def apply_outcome(queue: JobStore, series_uid: str, outcome: Outcome, destinatio
                   metrics: Metrics | None, bound) -> SeriesState:
     """Tell the job store how the current run of series_uid ended; returns the series state afterwards.
     A full outbox is not applied here: the caller decides when the series is tried again."""
-    if outcome.verdict == Verdict.DERIVED:
+    if outcome.verdict == OutcomeKind.DERIVED:
         state = queue.denoised(series_uid, outcome.derived_series_uid, Path(outcome.out_dir), outcome.slices,
                                outcome.skipped, outcome.seconds, destinations, set_aside=list(outcome.set_aside))
         # With no destination the outbox is where the operator collects the series: the line says where.
@@ -258,7 +258,7 @@ class Worker(PollingThread):
         bound.info("denoising series")
         out_dir = self.outbox_root / self.processor.output_series_uid(job.series_uid)
         outcome = run_series(self.processor, job.sources, out_dir, self.metrics, bound)
-        if outcome.verdict == Verdict.NO_SPACE:
+        if outcome.verdict == OutcomeKind.NO_SPACE:
             return self._wait_for_space(job, outcome.reason, bound)
         self.waiting_for_space = None
         return apply_outcome(self.queue, job.series_uid, outcome, self.destinations, self.metrics, bound)
