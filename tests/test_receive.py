@@ -15,11 +15,13 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     MRImageStorage,
     RLELossless,
 )
 from pynetdicom import AE, _config
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
 from structlog.testing import capture_logs
@@ -36,6 +38,7 @@ from ldct_node.node.receive import (
     check_pixels,
     inspect,
     is_allowed,
+    part10_header,
 )
 from tests.synthetic import (
     broken_jpeg_ls,
@@ -94,6 +97,17 @@ def test_stored_instance_is_spooled_as_sent_and_queued(node):
     stored = pydicom.dcmread(path)
     assert stored.PixelData == ds.PixelData and stored.PatientName == ds.PatientName
     assert receiver.queue.series(ds.SeriesInstanceUID).instances == 1
+
+
+@pytest.mark.parametrize("sop_uid, syntax", [
+    ("1.2.3.4", ExplicitVRLittleEndian),  # even-length UIDs
+    ("1.2.3.45", ImplicitVRLittleEndian),  # odd: padded with NUL
+    ("1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678", JPEGLosslessSV1),  # 64 characters, the longest
+])
+def test_part10_header_is_byte_for_byte_what_pynetdicom_writes(sop_uid, syntax):
+    expected = b"\0" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+        sop_class_uid=CTImageStorage, sop_instance_uid=sop_uid, transfer_syntax=syntax))
+    assert part10_header(CTImageStorage, sop_uid, syntax) == expected
 
 
 def test_every_common_transfer_syntax_of_ct_is_accepted(node):

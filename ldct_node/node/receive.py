@@ -58,7 +58,7 @@ What a sender sees:
   context), instances stored / ignored / refused, how it ended (released, aborted, connection
   closed) and its duration in seconds. A connection that never asked for an association gets no line.
 
-The dataset is written exactly as it arrived (``event.encoded_dataset()``, no re-encoding); only
+The dataset is written exactly as it arrived (behind the File Meta header ``part10_header`` writes, no re-encoding); only
 the header is parsed to find the UIDs and to classify and check it; pixel data is decoded only when
 compressed and kept (uncompressed pixel data: its length is checked, never decoded).
 """
@@ -80,7 +80,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -454,6 +454,34 @@ def check_codestream(ds: Dataset) -> None:
             raise Refused(StoreFailure.CANNOT_UNDERSTAND, problem)
 
 
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element in explicit VR little endian (PS3.5 7.1.2); OB has the long header."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    # A UID that is not ASCII is refused by inspect (uid_problem) before anything is stored.
+    data = value.encode("ascii", "replace")
+    return data + pad if len(data) % 2 else data
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, "DICM" and File Meta Information (PS3.10 7.1) for a received data set: the bytes
+    pynetdicom's ``Event.encoded_dataset()`` puts in front, written directly instead of through a
+    pydicom Dataset, which cost about a fifth of the receiver's CPU per instance."""
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\0")),
+        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\0")),
+        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\0")),
+        _meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+        _meta_element(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
 def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], Verdict | None]) -> Inspected:
     """Parse an encoded instance (with file meta) enough to spool it, or raise Refused."""
     try:
@@ -726,7 +754,8 @@ class Receiver:
             if not self.spool.has_room():
                 raise Refused(StoreFailure.OUT_OF_RESOURCES,
                               f"spool has less than {self.spool.min_free_bytes} bytes free")
-            raw = event.encoded_dataset(include_meta=True)
+            header = part10_header(str(event.request.AffectedSOPClassUID), affected, str(event.context.transfer_syntax))
+            raw = header + event.encoded_dataset(include_meta=False)
             found = inspect(raw, affected, self.classify)
             if found.ignored is not None:
                 log.info("instance ignored", reason=found.ignored.reason, calling_ae=calling,
