@@ -12,7 +12,7 @@ import torch
 
 from ldct_node.cli import main
 from ldct_node.errors import CommandError
-from ldct_node.net.weights import InputScaling, load_weights
+from ldct_node.net.weights import InputScaling, load_weights, sha256_of
 from ldct_train.bank import (
     REPORT_DOSES,
     VALIDATION_KERNEL,
@@ -24,7 +24,6 @@ from ldct_train.bank import (
     load_manifest,
     mixed,
     noise_for,
-    sha256_file,
 )
 from ldct_train.simulate import KERNEL_ALPHA_RANGE, KERNEL_CUTOFF_RANGE, KERNELS, Kernel, kernel_window
 from tests.synthetic import ct_series, write_series
@@ -59,7 +58,7 @@ def data_root(tmp_path_factory) -> tuple[Path, Path]:
     manifest = root / "manifest.toml"
     manifest.write_text(SOURCE.format(id="a", root="a", patient="P1", vendor="A", split="train")
                         + SOURCE.format(id="b", root="b", patient="P2", vendor="B", split="val"))
-    (root / "checksums.sha256").write_text("".join(f"{sha256_file(root / n)}  {n}\n" for n in names))
+    (root / "checksums.sha256").write_text("".join(f"{sha256_of(root / n)}  {n}\n" for n in names))
     return root, manifest
 
 
@@ -101,7 +100,7 @@ def test_a_reformatted_slice_is_refused_before_any_noise_is_simulated(tmp_path, 
     names = [str(p.relative_to(tmp_path)) for p in write_series(tmp_path / "a", coronal)]
     manifest = tmp_path / "manifest.toml"
     manifest.write_text(SOURCE.format(id="a", root="a", patient="P1", vendor="A", split="train"))
-    (tmp_path / "checksums.sha256").write_text("".join(f"{sha256_file(tmp_path / n)}  {n}\n" for n in names))
+    (tmp_path / "checksums.sha256").write_text("".join(f"{sha256_of(tmp_path / n)}  {n}\n" for n in names))
     assert main(["prepare", "--manifest", str(manifest), "--root", str(tmp_path), "--out", str(tmp_path / "out"),
                  "--views", "96", "--device", "cpu"]) == 2
     assert "not an axial slice" in capsys.readouterr().err

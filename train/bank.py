@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import math
 import time
@@ -38,7 +37,7 @@ from ldct_node.errors import CommandError
 from ldct_node.logs import get_logger
 from ldct_node.net.inference import resolve_device
 from ldct_node.net.model import DOWNSAMPLE
-from ldct_node.net.weights import InputScaling
+from ldct_node.net.weights import InputScaling, sha256_of
 
 from .data import allowed_turns, augment, crop_to_multiple
 from .simulate import (
@@ -124,14 +123,6 @@ def read_checksums(path: Path) -> dict[str, str]:
     return sums
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_files(source: Source, checksums: dict[str, str]) -> list[str]:
     """The source's files (relative to the data root) in name order, every ``every``-th one."""
     names = sorted(n for n in checksums if any(fnmatch.fnmatch(n, f"{source.root}/{pattern}") for pattern in source.files))
@@ -144,7 +135,7 @@ def verify(root: Path, names: list[str], checksums: dict[str, str]) -> None:
     if missing:
         raise CommandError(f"{len(missing)} manifest files missing under {root} (first: {missing[0]}): "
                            "fetch the sources named in the manifest into --root")
-    wrong = [n for n in names if sha256_file(root / n) != checksums[n]]
+    wrong = [n for n in names if sha256_of(root / n) != checksums[n]]
     if wrong:
         raise CommandError(f"{len(wrong)} files under {root} differ from the manifest's checksums (first: {wrong[0]}): "
                            "use the exact revision the manifest names")
