@@ -212,6 +212,8 @@ class Dispatcher(PollingThread):
         self.metrics = metrics
         self.results = ResultCounter(metrics.registry) if metrics else None
         self.broker_down: str | None = None
+        # Created once per connection, not on every poll; again after an error (a restarted Redis may have lost them).
+        self._groups_ready = False
         # Results read before a restart but not acknowledged are read again first (applying is idempotent).
         self._read_from = "0"
 
@@ -221,10 +223,13 @@ class Dispatcher(PollingThread):
 
     def step(self) -> bool:
         try:
-            ensure_group(self.client, self.jobs_stream, WORKERS_GROUP)
-            ensure_group(self.client, self.results_stream, HEAD_GROUP)
+            if not self._groups_ready:
+                ensure_group(self.client, self.jobs_stream, WORKERS_GROUP)
+                ensure_group(self.client, self.results_stream, HEAD_GROUP)
+                self._groups_ready = True
             worked = self._collect() | self._dispatch()
         except redis.RedisError as exc:
+            self._groups_ready = False
             if self.broker_down is None:
                 log.warning("broker unreachable: series wait in the queue", error=one_line(exc))
             self.broker_down = f"broker unreachable ({one_line(exc)}): series wait in the queue"
@@ -318,16 +323,23 @@ class JobQueue:
         self._renew = client.register_script(_RENEW)
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
+        self._group_ready = False  # as the Dispatcher's: once, and again after an error
 
     def take(self, block_s: float) -> Taken | None:
         """A job whose holder went silent for the visibility timeout first, else a new one (waiting up to block_s)."""
-        ensure_group(self.client, self.jobs_stream, WORKERS_GROUP)
-        _, claimed, *_ = self.client.xautoclaim(self.jobs_stream, WORKERS_GROUP, self.consumer, self.visibility_ms,
-                                                start_id="0-0", count=1)
-        if not claimed:
-            answer = self.client.xreadgroup(WORKERS_GROUP, self.consumer, {self.jobs_stream: ">"}, count=1,
-                                            block=max(1, int(block_s * 1000)))
-            claimed = answer[0][1] if answer else []
+        try:
+            if not self._group_ready:
+                ensure_group(self.client, self.jobs_stream, WORKERS_GROUP)
+                self._group_ready = True
+            _, claimed, *_ = self.client.xautoclaim(self.jobs_stream, WORKERS_GROUP, self.consumer, self.visibility_ms,
+                                                    start_id="0-0", count=1)
+            if not claimed:
+                answer = self.client.xreadgroup(WORKERS_GROUP, self.consumer, {self.jobs_stream: ">"}, count=1,
+                                                block=max(1, int(block_s * 1000)))
+                claimed = answer[0][1] if answer else []
+        except redis.RedisError:
+            self._group_ready = False
+            raise
         if not claimed:
             return None
         entry_id, fields = claimed[0]
