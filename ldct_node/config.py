@@ -197,6 +197,12 @@ class AssociationSettings:
     network_timeout_s: float
 
 
+def association_of(section) -> AssociationSettings:
+    """The association settings of [receive] or [send], which name them alike."""
+    return AssociationSettings(section.ae_title, section.max_pdu, section.acse_timeout_s, section.dimse_timeout_s,
+                               section.network_timeout_s)
+
+
 @dataclass(frozen=True)
 class ReceiveSettings:
     ae_title: str = "LDCT_NODE"
@@ -245,10 +251,7 @@ class ReceiveSettings:
         for i, peer in enumerate(self.allowed):
             peer.check(f"{key}.allowed[{i}]")
 
-    @property
-    def association(self) -> AssociationSettings:
-        return AssociationSettings(self.ae_title, self.max_pdu, self.acse_timeout_s, self.dimse_timeout_s,
-                                   self.network_timeout_s)
+    association = property(association_of)
 
 
 @dataclass(frozen=True)
@@ -294,10 +297,7 @@ class SendSettings:
         _need(self.backoff_max_s >= self.backoff_initial_s, f"{key}.backoff_max_s", f"must be >= {key}.backoff_initial_s")
         _need(self.give_up_after_s > 0, f"{key}.give_up_after_s", "must be > 0")
 
-    @property
-    def association(self) -> AssociationSettings:
-        return AssociationSettings(self.ae_title, self.max_pdu, self.acse_timeout_s, self.dimse_timeout_s,
-                                   self.network_timeout_s)
+    association = property(association_of)
 
 
 @dataclass(frozen=True)
