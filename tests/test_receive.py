@@ -20,7 +20,7 @@ from pydicom.uid import (
     MRImageStorage,
     RLELossless,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
@@ -254,6 +254,19 @@ def test_settings_reach_the_application_entity(node):
     assert ae.maximum_pdu_size == 65536
     # The receiver's own admission enforces both limits and its own deadline; pynetdicom's are backstops behind them.
     assert ae.maximum_associations == 3 + 5 and ae.acse_timeout > 7.0
+
+
+def test_an_association_keeps_only_the_receivers_own_handlers_on_pynetdicoms_logging_events(node):
+    receiver = node()
+    assoc = associate(receiver)
+    try:
+        (accepted,) = receiver._server.active_associations
+        assert accepted.get_handlers(evt.EVT_DIMSE_RECV) == [(receiver._on_dimse, None)]
+        for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_SENT):
+            assert accepted.get_handlers(event) == []
+        assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS
+    finally:
+        assoc.release()
 
 
 def audit_lines(logs: list[dict], count: int = 1) -> list[dict]:

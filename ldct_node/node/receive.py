@@ -149,6 +149,10 @@ _LAST_FRAGMENT = 0x02  # PDV message control header bit 1 (PS3.8 §E.2)
 _UID_MAX = 64
 _ARTIM_GRACE_S = 1.0
 _ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+# pynetdicom binds its standard handlers to these on every association: they format each PDU and
+# DIMSE message for its own logger at info/debug level, which nothing shows (the node logs through
+# structlog; stdlib logging stays at its WARNING default), at about a tenth of a millisecond per C-STORE.
+_PYNETDICOM_LOGGING_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
 
 
 class Refused(Exception):
@@ -542,6 +546,7 @@ class Receiver:
         self._audits: dict[Association, AssociationAudit] = {}
         self._slots: dict[Association, Slot] = {}
         self._audits_lock = threading.Lock()
+        self._handlers: frozenset[Callable] = frozenset()  # the event handlers start() binds
         # Built here, so that an unusable certificate or key stops the node at start (ConfigError).
         self._ssl_context = server_context(settings.tls) if settings.tls else None
 
@@ -570,6 +575,7 @@ class Receiver:
             (evt.EVT_C_ECHO, lambda event: Status.SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        self._handlers = frozenset(handler for _, handler in handlers)
         ae = self._make_ae()
         server = ae.make_server(
             (self.settings.host, self.settings.port), evt_handlers=handlers, server_class=TlsAssociationServer,
@@ -630,11 +636,16 @@ class Receiver:
             self.metrics.connections_refused.labels(label).inc()
 
     def _attach(self, assoc: Association, slot: Slot) -> None:
-        """Put a new association's socket under a PduGuard and remember its place in the Admission."""
+        """Put a new association's socket under a PduGuard, leave it only the node's own event handlers
+        on pynetdicom's logging events and remember its place in the Admission."""
         sock = assoc.dul.socket
         sock.__class__ = GuardedSocket  # see GuardedSocket: pynetdicom has no hook for the class
         sock.guard = PduGuard(self.settings.max_pdu, self.settings.max_instance_bytes)
         sock.on_refused = self._pdu_refused
+        for event in _PYNETDICOM_LOGGING_EVENTS:
+            for handler, _ in list(assoc.get_handlers(event)):
+                if handler not in self._handlers:
+                    assoc.unbind(event, handler)
         with self._audits_lock:
             self._slots[assoc] = slot
 
