@@ -19,7 +19,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 from structlog.testing import capture_logs
 
-from ldct_node.node.receive import ASSOCIATE_RQ_MAX, PduGuard, Receiver, pdv_fragments
+from ldct_node.node.receive import ASSOCIATE_RQ_MAX, GuardedSocket, PduGuard, Receiver, pdv_fragments
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -181,6 +181,23 @@ def test_the_guard_follows_header_then_body_reads_and_resets_at_each_last_fragme
         assert guard.check(len(body)) is None and guard.read(body) is None
     assert guard.read(struct.pack(">BBL", P_DATA_TF, 0, 101)) is None
     assert guard.check(101).label == "pdu_too_long"
+
+
+def test_a_read_returns_the_whole_length_sent_in_parts_and_less_only_when_the_peer_closes():
+    ours, peer = socket.socketpair()
+    sock = GuardedSocket.__new__(GuardedSocket)  # _read needs only the connection's socket
+    sock.socket = ours
+    try:
+        peer.sendall(b"a" * 100_000)
+        later = threading.Timer(0.05, peer.sendall, (b"b" * 50_000,))
+        later.start()
+        assert sock._read(150_000) == b"a" * 100_000 + b"b" * 50_000
+        later.join()
+        peer.sendall(b"c" * 10)
+        peer.close()
+        assert sock._read(100) == b"c" * 10
+    finally:
+        ours.close()
 
 
 # --- item 2: slots and time ---

@@ -149,9 +149,12 @@ _LAST_FRAGMENT = 0x02  # PDV message control header bit 1 (PS3.8 §E.2)
 _UID_MAX = 64
 _ARTIM_GRACE_S = 1.0
 _ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+# Most bytes one socket read asks for: what has arrived (up to this) comes in one call, so memory
+# still grows only with the bytes a peer actually sends.
+_RECV_CHUNK = 1_048_576
 # pynetdicom binds its standard handlers to these on every association: they format each PDU and
 # DIMSE message for its own logger at info/debug level, which nothing shows (the node logs through
-# structlog; stdlib logging stays at its WARNING default), at about a tenth of a millisecond per C-STORE.
+# structlog; stdlib logging stays at its WARNING default), at 0.2-0.3 ms per C-STORE on the DUL thread.
 _PYNETDICOM_LOGGING_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
 
 
@@ -274,7 +277,7 @@ class GuardedSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         refusal = self.guard.check(nr_bytes)
         if refusal is None:
-            data = super().recv(nr_bytes)
+            data = self._read(nr_bytes)
             refusal = self.guard.read(data)
             if refusal is None:
                 return data
@@ -286,6 +289,17 @@ class GuardedSocket(AssociationSocket):
         self.on_refused(self.assoc, refusal)
         # What recv() returns when the peer closes: the DUL takes the PDU as cut short and ends (Evt17).
         return bytearray()
+
+    def _read(self, nr_bytes: int) -> bytearray:
+        """What AssociationSocket.recv returns (nr_bytes, fewer only when the peer closes), in reads of up
+        to _RECV_CHUNK instead of its 4 KiB ones: about 130 recv() calls less per 0.5 MB instance."""
+        data = bytearray()
+        while len(data) < nr_bytes:
+            chunk = self.socket.recv(min(nr_bytes - len(data), _RECV_CHUNK))
+            if not chunk:
+                break
+            data += chunk
+        return data
 
 
 @dataclass(eq=False)
