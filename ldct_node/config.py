@@ -308,6 +308,11 @@ class QueueSettings:
     # On SIGTERM, how long to wait for a series being denoised or sent; an interrupted one is
     # simply redone after the restart, so this only trades shutdown time for wasted work.
     stop_timeout_s: float = 10.0
+    # Denoise and send a series while it arrives (ldct_node.node.stream); the quiet period then only
+    # closes it. Off by default: slices reach PACS before the HU fidelity gate has seen the whole
+    # series (it is applied to the slices so far after every chunk). Needs a single-slice model and
+    # the embedded worker (no [broker]); otherwise series wait for the quiet period.
+    stream: bool = False
 
     def check(self, key: str) -> None:
         _need(self.quiet_period_s >= 0, f"{key}.quiet_period_s", "must be >= 0")

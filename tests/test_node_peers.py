@@ -9,6 +9,7 @@ so "delivered once, under the same UIDs, after any crash" is an exact set compar
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import socket
 import subprocess
@@ -290,6 +291,28 @@ def test_kill_during_send_then_restart_delivers_the_same_uids(make_node, tmp_pat
         node.start()
         wait_done(node, source_series_uid(sources), len(sources))
         assert_delivered_once(peer.received(), series_uid, sop_uids)
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_kill_while_streaming_then_restart_keeps_the_streamed_chunks_and_delivers_the_same_uids(
+        make_node, storescp, tmp_path):
+    sources = write_series(tmp_path / "in", 40, size=256)
+    src_uid = source_series_uid(sources)
+    node = make_node([storescp.destination("pacs")], quiet_period_s=4.0, queue={"stream": True},
+                     inference={"chunk_slices": 4}).start()
+    series_uid, sop_uids = expected_uids(node, sources)
+
+    send_ok(sources, node)
+    wait_for(lambda: len(storescp.received()) >= 8, "streamed chunks at PACS", node, poll_s=0.02)
+    node.kill()
+    assert job_state(node, src_uid) == SeriesState.RECEIVED, "the kill must land before the series closed"
+
+    node.start()
+    wait_done(node, src_uid, len(sources))
+    assert_delivered_once(storescp.received(), series_uid, sop_uids)
+    finished = [json.loads(line) for line in node.log_text().splitlines() if '"finishing streamed series"' in line]
+    assert finished and finished[-1]["streamed"] >= 8, "the chunks recorded before the kill must be kept"
 
 
 # --- destination down ----------------------------------------------------------------------------

@@ -200,6 +200,23 @@ class FidelityAccumulator:
             bins = np.minimum((values / HISTOGRAM_BIN_HU).astype(np.int64), len(self._lowpass_counts) - 1)
             self._lowpass_counts += np.bincount(bins, minlength=len(self._lowpass_counts))
 
+    def to_state(self) -> dict:
+        """What has been summed so far, as JSON-ready data: streaming keeps it in the job store
+        between chunks, so that a restart neither loses nor recounts the slices measured."""
+        bins = np.nonzero(self._lowpass_counts)[0]
+        return {"pixels": self._pixels, "change_sum": self._change_sum, "noise_before": list(self._noise_before),
+                "noise_after": list(self._noise_after),
+                "lowpass": [[int(b), int(self._lowpass_counts[b])] for b in bins]}
+
+    @classmethod
+    def from_state(cls, settings: FidelitySettings, state: dict) -> FidelityAccumulator:
+        """The accumulator to_state described, to go on adding slices to."""
+        made = cls(settings, state["pixels"], state["change_sum"], list(state["noise_before"]),
+                   list(state["noise_after"]))
+        for index, count in state["lowpass"]:
+            made._lowpass_counts[index] = count
+        return made
+
     def summary(self) -> FidelitySummary:
         def median(values):
             return float(np.median(values)) if values else None

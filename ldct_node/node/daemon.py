@@ -18,7 +18,8 @@ How to watch it from outside: ``ldct-node queue list --json --config FILE`` (sta
 log lines on stderr (event names: "receiver listening", "association ended" (the audit line of
 each association), "series complete", "denoising series", "denoising progress", "series denoised",
 "series delivered", "delivery attempt failed", "series finished", "series files removed
-(retention)", "instance ignored", "instance refused").
+(retention)", "instance ignored", "instance refused"; with ``queue.stream``: "chunk derived while
+receiving", "streamed chunk sent", "streamed chunk not sent", "finishing streamed series").
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ldct_node.node.observe import DeliveryBacklog, Health, HttpServer, Metrics
 from ldct_node.node.receive import Receiver
 from ldct_node.node.send import Sender
 from ldct_node.node.spool import Spool
+from ldct_node.node.stream import Streamer, StreamLedger
 from ldct_node.node.worker import EngineProcessor, SeriesProcessor, Worker
 
 log = get_logger(__name__)
@@ -128,20 +130,36 @@ class Node:
         self.metrics.registry.register(DeliveryBacklog(self.queue.pending_deliveries))
         self.receiver = Receiver(cfg.receive, self.spool, self.queue, metrics=self.metrics)
         destinations = [d.name for d in cfg.send.destinations]
+        self.ledger = StreamLedger(self.queue)
+        self.sender = Sender(self.queue, cfg.send, cfg.queue.poll_interval_s, self.metrics, self.ledger)
         # Scale-out: worker hosts (`ldct-node worker`) denoise; this node needs no model.
         self.processor = None if cfg.broker.url else processor or self._load_processor()
         if cfg.broker.url:
+            if cfg.queue.stream:
+                log.warning("queue.stream is on but series go to worker hosts ([broker] url): they wait for the quiet period")
             self.worker = Dispatcher(connect(cfg.broker.url), cfg.broker.stream, self.queue, storage.outbox_dir,
                                      destinations, cfg.queue.poll_interval_s, self.metrics)
         else:
             self.worker = Worker(
                 self.queue, self.processor, storage.outbox_dir, destinations,
                 cfg.queue.poll_interval_s, self.metrics, disk_full_retry_s=storage.disk_full_retry_s,
+                ledger=self.ledger, streamer=self._streamer(),
             )
-        self.sender = Sender(self.queue, cfg.send, cfg.queue.poll_interval_s, self.metrics)
         self.housekeeper = Housekeeper(self.queue, self.spool, cfg.queue.quiet_period_s, storage.keep_days,
                                        cfg.queue.poll_interval_s)
         self.http = None
+
+    def _streamer(self) -> Streamer | None:
+        """The worker's streaming turn when queue.stream is on and the model can stream."""
+        if not self.cfg.queue.stream:
+            return None
+        engine = getattr(self.processor, "engine", None)
+        if engine is None or engine.in_slices != 1:
+            log.warning("queue.stream is on but the model reads neighbouring slices: series wait for the quiet"
+                        " period", in_slices=getattr(engine, "in_slices", None))
+            return None
+        return Streamer(self.ledger, engine, self.cfg.derive, self.cfg.fidelity, self.cfg.storage.outbox_dir,
+                        chunk_written=self.sender.wake)
 
     def _load_processor(self) -> SeriesProcessor:
         engine = DenoiseEngine.from_path(self.cfg.model.weights, self.cfg.inference)

@@ -60,6 +60,21 @@ class SeriesResult:
     fidelity: FidelitySummary | None = None
     # The one-line reason when the fidelity summary exceeds a limit: the series must not be used.
     fidelity_failure: str | None = None
+    # Source SOP Instance UID -> its derived file, and the sums behind `fidelity` (streaming keeps both).
+    by_source: dict[str, Path] = field(default_factory=dict)
+    measured: FidelityAccumulator | None = None
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What streaming (ldct_node.node.stream) already made of this run while the series arrived:
+    kept as it is, so the run that closes the series denoises only the rest."""
+
+    series_uid: str
+    derived: dict[str, Path]  # source SOP Instance UID -> derived file
+    set_aside: list[Skipped]
+    fidelity: dict  # FidelityAccumulator.to_state() over the derived slices
+    created: datetime  # the run's creation time: series-level dates must agree across its instances
 
 
 @dataclass
@@ -166,16 +181,20 @@ def denoise_instances(
     settings: DeriveSettings,
     progress: Callable[[int], None] | None = None,
     fidelity: FidelitySettings = FidelitySettings(),
+    measured: FidelityAccumulator | None = None,
+    created: datetime | None = None,
 ) -> SeriesResult:
     """Denoise one series' instances into out_dir/<derived SOPInstanceUID>.dcm and measure its HU
     fidelity; a summary over a limit is reported in fidelity_failure (the files are still written:
     the caller decides what to do with them). A slice whose pixel data cannot be read is set aside
-    (SeriesResult.skipped, with its reason) and its stack denoised without it."""
+    (SeriesResult.skipped, with its reason) and its stack denoised without it. measured and created:
+    the fidelity sums and creation time of the part of the run streaming already derived."""
     started = time.monotonic()
     derivation = derivation_for(engine, settings)
     new_series_uid = output_series_uid(series_uid, engine, settings)
-    created = datetime.now().astimezone()
+    created = created or datetime.now().astimezone()
     out_dir.mkdir(parents=True, exist_ok=True)
+    by_source: dict[str, Path] = {}
 
     def write(source: SourceSlice, hu: np.ndarray) -> Path:
         ds = source.dataset
@@ -187,9 +206,10 @@ def denoise_instances(
         )
         path = out_dir / f"{sop_uid}.dcm"
         write_dataset(derived, path)
+        by_source[str(ds.SOPInstanceUID)] = path
         return path
 
-    measured = FidelityAccumulator(fidelity)
+    measured = measured or FidelityAccumulator(fidelity)
     files: list[Path] = []
     set_aside: list[Skipped] = []
     for stack in stacks(instances):
@@ -214,8 +234,11 @@ def denoise_instances(
             measured = trial
             break
     summary = measured.summary()
+    written = set(files)
+    kept = {sop_uid: path for sop_uid, path in by_source.items() if path in written}
     return SeriesResult(series_uid, new_series_uid, files, len(files), time.monotonic() - started,
-                        skipped=set_aside, fidelity=summary, fidelity_failure=fidelity_violation(summary, fidelity))
+                        skipped=set_aside, fidelity=summary, fidelity_failure=fidelity_violation(summary, fidelity),
+                        by_source=kept, measured=measured)
 
 
 def slice_counter(total: int, report: Callable[[int, int], None]) -> Callable[[int], None]:
@@ -235,10 +258,14 @@ def slice_counter(total: int, report: Callable[[int, int], None]) -> Callable[[i
 def denoise_series(
     sources: list[Path], out_dir: Path, engine: DenoiseEngine, settings: DeriveSettings,
     fidelity: FidelitySettings = FidelitySettings(), progress: Callable[[int, int], None] | None = None,
+    prior: Streamed | None = None,
 ) -> SeriesResult:
     """The worker's entry: the spooled files of one series; files that are not axial CT images or cannot be used are
     set aside and reported in SeriesResult.skipped, with their reasons; the others are derived.
-    progress, when given, gets (slices done, slices in the series) after each chunk."""
+    progress, when given, gets (slices done, slices in the series) after each chunk. prior: what
+    streaming derived and set aside of this run already, which is kept and not read again."""
+    if prior is not None:
+        return _complete_streamed(sources, out_dir, engine, settings, fidelity, progress, prior)
     scan = scan_files(sources)
     if not scan.series and scan.skipped:
         # Every file was set aside: nothing to derive, and the reasons are the result.
@@ -251,3 +278,31 @@ def denoise_series(
     result = denoise_instances(series_uid, instances, out_dir, engine, settings, progress=counted, fidelity=fidelity)
     result.skipped = scan.skipped + result.skipped
     return result
+
+
+def _complete_streamed(
+    sources: list[Path], out_dir: Path, engine: DenoiseEngine, settings: DeriveSettings,
+    fidelity: FidelitySettings, progress: Callable[[int, int], None] | None, prior: Streamed,
+) -> SeriesResult:
+    """denoise_series for a run streaming began: the instances it has not dealt with are derived
+    into the same folder, with the same creation time, and measured into the same fidelity sums."""
+    if engine.in_slices > 1:
+        # A kept slice would lack the neighbours that arrived after it was derived.
+        raise ValueError("streamed slices need a single-slice model (the model's in_slices is "
+                         f"{engine.in_slices})")
+    handled = {skipped.path for skipped in prior.set_aside}
+    # Spooled files are named <SOP Instance UID>.dcm: the ones streaming dealt with need not be read.
+    rest = [path for path in sources if path.stem not in prior.derived and path not in handled]
+    scan = scan_files(rest)
+    others = set(scan.series) - {prior.series_uid}
+    if others:
+        raise ValueError(f"expected the files of exactly one CT series, found series: {', '.join(scan.series)}")
+    instances = scan.series.get(prior.series_uid, [])
+    measured = FidelityAccumulator.from_state(fidelity, prior.fidelity)
+    counted = slice_counter(len(instances), progress) if progress else None
+    result = denoise_instances(prior.series_uid, instances, out_dir, engine, settings, progress=counted,
+                               fidelity=fidelity, measured=measured, created=prior.created)
+    by_source = {**prior.derived, **result.by_source}
+    files = list(by_source.values())
+    return dataclasses.replace(result, files=files, slices=len(files), by_source=by_source,
+                               skipped=prior.set_aside + scan.skipped + result.skipped)

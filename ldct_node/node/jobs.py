@@ -94,6 +94,32 @@ _INSTANCES_TABLE = """CREATE TABLE IF NOT EXISTS instances (
     PRIMARY KEY (series_uid, sop_uid)
 );"""
 
+# Streaming (queue.stream, ldct_node.node.stream): instances derived and sent while their series is
+# still arriving. Rows belong to one run of a series; a new run of the series drops them.
+STREAM_TABLES = """
+CREATE TABLE IF NOT EXISTS stream_runs (
+    series_uid  TEXT PRIMARY KEY,
+    run         INTEGER NOT NULL,
+    created     REAL NOT NULL,
+    fidelity    TEXT NOT NULL,
+    held        TEXT
+);
+CREATE TABLE IF NOT EXISTS streamed (
+    series_uid  TEXT NOT NULL,
+    sop_uid     TEXT NOT NULL,
+    derived     TEXT,
+    reason      TEXT,
+    PRIMARY KEY (series_uid, sop_uid)
+);
+CREATE TABLE IF NOT EXISTS stream_sent (
+    series_uid  TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    derived     TEXT NOT NULL,
+    PRIMARY KEY (series_uid, destination, derived)
+);
+"""
+STREAM_TABLE_NAMES = ("stream_runs", "streamed", "stream_sent")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_uid          TEXT PRIMARY KEY,
@@ -130,7 +156,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at      REAL NOT NULL,
     PRIMARY KEY (series_uid, destination)
 );
-""".format(instances=_INSTANCES_TABLE)
+{streaming}""".format(instances=_INSTANCES_TABLE, streaming=STREAM_TABLES)
 
 
 class JobStoreError(UserError, ValueError):
@@ -277,7 +303,8 @@ class JobStore:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the store's lock (for ldct_node.node.stream's records, which share the file)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -294,7 +321,7 @@ class JobStore:
         UID another series already holds is kept in both (the spool files them apart) and logged:
         a modality reusing UIDs must not cost the first series a slice."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO instances (series_uid, sop_uid, path, received_at) VALUES (?, ?, ?, ?)",
                 (series_uid, sop_uid, str(path), now),
@@ -332,6 +359,7 @@ class JobStore:
             (SeriesState.RECEIVED, now, now, series_uid),
         )
         db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
+        forget_stream(db, series_uid)
 
     def reindex(self, spooled: Iterable[SpooledInstance]) -> int:
         """Add spooled files that have no row (their commit was lost in a crash), dated by their
@@ -348,7 +376,7 @@ class JobStore:
     def promote_quiet(self, quiet_period_s: float, now: float | None = None) -> list[str]:
         """received → queued for every series with no new instance for quiet_period_s."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             uids = [r[0] for r in db.execute(
                 "SELECT series_uid FROM series WHERE state = ? AND last_received_at <= ? ORDER BY last_received_at",
                 (SeriesState.RECEIVED, now - quiet_period_s),
@@ -364,7 +392,7 @@ class JobStore:
     def claim_next(self, now: float | None = None) -> Job | None:
         """The oldest queued series, now denoising; None when nothing is queued."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "SELECT series_uid, run FROM series WHERE state = ? ORDER BY queued_at, series_uid LIMIT 1",
                 (SeriesState.QUEUED,),
@@ -390,7 +418,7 @@ class JobStore:
     def taken_by(self, series_uid: str, run: int, worker: str, now: float | None = None) -> bool:
         """A broker worker host started this run; False (nothing changed) when the run is no longer being denoised."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             return db.execute(
                 "UPDATE series SET worker = ?, updated_at = ? WHERE series_uid = ? AND run = ? AND state = ?",
                 (worker, now, series_uid, run, SeriesState.DENOISING),
@@ -412,7 +440,7 @@ class JobStore:
         when there is no destination. set_aside: (SOP Instance UID, reason) of each instance it could
         not use. Returns the new state."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE series SET derived_series_uid = ?, outbox = ?, slices = ?, skipped = ?, denoise_seconds = ?,"
                 " denoised_at = ?, set_aside = ?, updated_at = ? WHERE series_uid = ?",
@@ -434,7 +462,7 @@ class JobStore:
         """The run could not finish for a reason outside the series (a full outbox): queued again,
         first in line as before, with the reason shown until it is claimed."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE series SET state = ?, started_at = NULL, reason = ?, updated_at = ? WHERE series_uid = ?",
                 (SeriesState.QUEUED, reason, now, series_uid),
@@ -445,7 +473,7 @@ class JobStore:
                set_aside: list[tuple[str, str]] = ()) -> SeriesState:
         """End the current run as done or failed (worker failures, nothing to denoise); set_aside as in denoised."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("UPDATE series SET set_aside = ? WHERE series_uid = ?", (_set_aside_json(set_aside), series_uid))
             return self._finish(db, series_uid, state, reason, now)
 
@@ -482,7 +510,7 @@ class JobStore:
     def delivered(self, series_uid: str, destination: str, sent: int, now: float | None = None) -> SeriesState:
         """One destination stored the series. Returns the series state afterwards."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, sent = ?, error = NULL, updated_at = ?"
                 " WHERE series_uid = ? AND destination = ?",
@@ -495,7 +523,7 @@ class JobStore:
     ) -> FailedAttempt:
         """One attempt failed: back off and stay pending, or give up as the policy says."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "SELECT attempts, pending_since FROM deliveries WHERE series_uid = ? AND destination = ?",
                 (series_uid, destination),
@@ -542,7 +570,7 @@ class JobStore:
         downtime and will resend the rest, so queueing them at once would deliver a partial series.
         """
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("UPDATE series SET last_received_at = ?, updated_at = ? WHERE state = ?",
                        (now, now, SeriesState.RECEIVED))
             return db.execute(
@@ -555,7 +583,7 @@ class JobStore:
         """Give a failed series another go: sending again when its derived series is still in the
         outbox, otherwise denoising again. Returns the new state."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT state, outbox, slices FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
             if row is None:
                 raise JobStoreError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
@@ -573,6 +601,7 @@ class JobStore:
                 state = SeriesState.SENDING
             else:
                 db.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
+                forget_stream(db, series_uid)
                 state = SeriesState.QUEUED
             # A resumed send counts as started now, so instances arriving during it get a run of their own.
             started = now if state == SeriesState.SENDING else None
@@ -585,13 +614,13 @@ class JobStore:
 
     def remove(self, series_uid: str) -> SeriesRow:
         """Forget a series that nobody is working on; the caller removes its files."""
-        with self._tx() as db:
+        with self.transaction() as db:
             row = self._row(db, series_uid)
             if row is None:
                 raise JobStoreError(f"no series {series_uid} in the queue (see 'ldct-node queue list')")
             if row.state in ACTIVE:
                 raise JobStoreError(f"series {series_uid} is {row.state}; wait until it is done or failed, or stop the node")
-            for table in ("deliveries", "instances", "series"):
+            for table in ("deliveries", "instances", "series", *STREAM_TABLE_NAMES):
                 db.execute(f"DELETE FROM {table} WHERE series_uid = ?", (series_uid,))
         return row
 
@@ -608,13 +637,14 @@ class JobStore:
         """The series' spooled input is gone: forget its instance rows so a restart does not re-index them,
         keeping their number on the series row for `queue list`."""
         now = time.time() if now is None else now
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE series SET instances = (SELECT count(*) FROM instances WHERE series_uid = ?), cleaned_at = ?,"
                 " updated_at = ? WHERE series_uid = ?",
                 (series_uid, now, now, series_uid),
             )
             db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            forget_stream(db, series_uid)
 
     def series(self, series_uid: str) -> SeriesRow | None:
         with self._lock:
@@ -655,6 +685,12 @@ class JobStore:
             )
         ]
         return SeriesRow(deliveries=deliveries, **fields)
+
+
+def forget_stream(db: sqlite3.Connection, series_uid: str) -> None:
+    """Drop what streaming recorded for the series: its run is over, or its outputs are derived again."""
+    for table in STREAM_TABLE_NAMES:
+        db.execute(f"DELETE FROM {table} WHERE series_uid = ?", (series_uid,))
 
 
 def open_job_store(database: Path, now: float | None = None) -> JobStore:

@@ -7,7 +7,9 @@ fails the delivery with the last reason once it has been pending for ``send.give
 (or after ``send.attempts`` tries when that is set). Every C-STORE response
 status is checked: success and warnings (0xB000, 0xB006, 0xB007: stored with remarks) count as
 stored; anything else fails the attempt, and the whole series is sent again on the next one
-(the derived UIDs are fixed, so the destination sees replacements, never copies).
+(the derived UIDs are fixed, so the destination sees replacements, never copies). With streaming
+(ldct_node.node.stream) the sender also C-STOREs each chunk as it is derived, and the delivery that
+follows the series' close sends each destination only what it has not stored yet.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pynetdicom import AE, _config, evt
@@ -30,6 +33,9 @@ from ldct_node.node.jobs import FINISHED, DueDelivery, JobStore, RetryPolicy, Se
 from ldct_node.node.observe import Metrics
 from ldct_node.node.tls import client_context
 from ldct_node.polling import PollingThread
+
+if TYPE_CHECKING:  # stream.py builds on the worker, which the sender need not load
+    from ldct_node.node.stream import StreamLedger
 
 log = get_logger(__name__)
 
@@ -100,9 +106,10 @@ def transfer_syntaxes_of(files: list[Path]) -> list[str]:
 
 
 def send_series(files: list[Path], destination: Destination, settings: SendSettings,
-                context: ssl.SSLContext | None = None) -> SendResult:
+                context: ssl.SSLContext | None = None, stored: list[Path] | None = None) -> SendResult:
     """C-STORE every file over one association (TLS when the destination has [tls]; context: its
-    prepared client context); raise SendError with the first problem."""
+    prepared client context); raise SendError with the first problem. stored, when given, gets each
+    file the destination stored, also when a later one fails."""
     if not files:
         raise SendError("no derived instances to send")
     started = time.monotonic()
@@ -124,6 +131,8 @@ def send_series(files: list[Path], destination: Destination, settings: SendSetti
                 raise SendError(f"C-STORE of {path.stem} answered 0x{int(status):04X} {comment}".strip())
             warnings += int(status) != Status.SUCCESS
             sent += 1
+            if stored is not None:
+                stored.append(path)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -148,7 +157,10 @@ def echo(destination: Destination, settings: SendSettings) -> int | None:
 class Sender(PollingThread):
     """Runs due deliveries one at a time, until stopped."""
 
-    def __init__(self, queue: JobStore, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None):
+    def __init__(self, queue: JobStore, settings: SendSettings, poll_interval_s: float, metrics: Metrics | None = None,
+                 ledger: StreamLedger | None = None):
+        """ledger: streaming's records: chunks to send while their series arrives, and what a
+        delivery need not send again."""
         super().__init__("ldct-sender", poll_interval_s)
         self.queue = queue
         self.settings = settings
@@ -156,15 +168,53 @@ class Sender(PollingThread):
         self._destinations = {d.name: d for d in settings.destinations}
         # Built once, here: an unusable certificate, key or CA file stops the node at start (ConfigError).
         self._contexts = {d.name: tls_args(d)[0] for d in settings.destinations if d.tls is not None}
+        self.ledger = ledger
+        # Destination -> time.monotonic() before which no chunk is streamed to it after a failure.
+        self._stream_paused_until: dict[str, float] = {}
 
     def step(self) -> bool:
-        """Every delivery due now, unless stopped in between. False when none was due."""
+        """Every delivery due now and every streamed chunk not sent, unless stopped in between.
+        False when there was nothing to send."""
         due = self.queue.due_deliveries()
         for delivery in due:
             if self.stopping.is_set():
                 break
             self.deliver(delivery)
-        return bool(due)
+        streamed = self.stream() if self.ledger else False
+        return bool(due) or streamed
+
+    def stream(self) -> bool:
+        """Send each destination the chunks streaming derived that it has not stored, one association
+        per series. A failure only pauses streaming to that destination for send.backoff_initial_s:
+        the delivery when the series closes sends whatever is still missing, with its retries."""
+        worked = False
+        for name, destination in self._destinations.items():
+            if time.monotonic() < self._stream_paused_until.get(name, 0.0):
+                continue
+            for series_uid, files in self.ledger.unsent(name).items():
+                if self.stopping.is_set():
+                    return worked
+                worked = True
+                if not self._stream_chunk(series_uid, files, destination):
+                    self._stream_paused_until[name] = time.monotonic() + self.settings.backoff_initial_s
+                    break
+        return worked
+
+    def _stream_chunk(self, series_uid: str, files: list[Path], destination: Destination) -> bool:
+        stored: list[Path] = []
+        bound = log.bind(series_uid=series_uid, destination=destination.name)
+        try:
+            result = send_series(files, destination, self.settings, self._contexts.get(destination.name), stored)
+        except Exception as exc:  # noqa: BLE001 - as in deliver: the attempt fails, the thread goes on
+            reason = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
+            bound.warning("streamed chunk not sent", reason=reason, stored=len(stored), instances=len(files),
+                          paused_s=self.settings.backoff_initial_s)
+            return False
+        finally:
+            self.ledger.sent(series_uid, destination.name, stored)
+        bound.info("streamed chunk sent", instances=result.sent, warnings=result.warnings,
+                   seconds=round(result.seconds, 3))
+        return True
 
     def deliver(self, delivery: DueDelivery) -> SeriesState:
         """One attempt for one (series, destination); returns the series state afterwards."""
@@ -179,14 +229,18 @@ class Sender(PollingThread):
                 # Never deliver part of a series as if it were whole; a retry after the final
                 # failure denoises it again.
                 raise SendError(f"outbox {delivery.outbox} holds {len(files)} of {delivery.slices} derived instances")
-            result = send_series(files, destination, self.settings, self._contexts.get(destination.name))
+            already = self.ledger.sent_to(delivery.series_uid, delivery.destination) if self.ledger else set()
+            rest = [path for path in files if path not in already]
+            result = (send_series(rest, destination, self.settings, self._contexts.get(destination.name))
+                      if rest else SendResult(0, 0, 0.0))
         except SendError as exc:
             return self._failed(delivery, str(exc), bound)
         except Exception as exc:  # noqa: BLE001 - a network stack error must fail the attempt, not the thread
             return self._failed(delivery, f"{type(exc).__name__}: {exc}", bound)
+        streamed = {"streamed_before": len(files) - len(rest)} if len(rest) < len(files) else {}
         bound.info("series delivered", instances=result.sent, warnings=result.warnings,
-                   seconds=round(result.seconds, 3))
-        return self._settled(self.queue.delivered(delivery.series_uid, delivery.destination, result.sent))
+                   seconds=round(result.seconds, 3), **streamed)
+        return self._settled(self.queue.delivered(delivery.series_uid, delivery.destination, len(files)))
 
     def _failed(self, delivery: DueDelivery, reason: str, bound) -> SeriesState:
         outcome = self.queue.delivery_failed(delivery.series_uid, delivery.destination, reason,

@@ -18,6 +18,9 @@ says why it is degraded meanwhile. While a series is
 denoised, slices done / total go to /metrics after every chunk and to the log ("denoising
 progress") every few seconds.
 
+With ``queue.stream`` the worker also streams (``ldct_node.node.stream``): when no complete series
+waits, it derives a chunk of an arriving one, and the run that closes that series keeps the chunks.
+
 A run has two halves, kept apart so that scale-out (``ldct_node.node.broker``) reuses both:
 ``run_series`` denoises and turns what happened into an ``Outcome`` (plain data), ``apply_outcome``
 tells the job store. The local Worker calls one after the other; with a broker, worker hosts run
@@ -32,16 +35,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ldct_node.config import DeriveSettings, FidelitySettings
 from ldct_node.durable import DATA_DIR_MODE, private_dir
 from ldct_node.logs import get_logger, one_line
 from ldct_node.net.inference import DenoiseEngine
-from ldct_node.node.denoise_series import SeriesResult, denoise_series, output_series_uid
+from ldct_node.node.denoise_series import SeriesResult, Streamed, denoise_series, output_series_uid
 from ldct_node.node.jobs import FINISHED, Job, JobStore, SeriesState
 from ldct_node.node.observe import Metrics
 from ldct_node.polling import PollingThread
+
+if TYPE_CHECKING:  # stream.py builds on this module
+    from ldct_node.node.stream import Streamer, StreamLedger
 
 log = get_logger(__name__)
 
@@ -56,7 +62,10 @@ class SeriesProcessor(Protocol):
 
     def output_series_uid(self, series_uid: str) -> str: ...
 
-    def denoise(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult: ...
+    def denoise(self, sources: list[Path], out_dir: Path, progress: Progress,
+                prior: Streamed | None = None) -> SeriesResult:
+        """prior: what streaming derived of this run into out_dir already; only processors that stream
+        (EngineProcessor) are ever given one."""
 
 
 class EngineProcessor:
@@ -70,8 +79,9 @@ class EngineProcessor:
     def output_series_uid(self, series_uid: str) -> str:
         return output_series_uid(series_uid, self.engine, self.settings)
 
-    def denoise(self, sources: list[Path], out_dir: Path, progress: Progress) -> SeriesResult:
-        return denoise_series(sources, out_dir, self.engine, self.settings, self.fidelity, progress)
+    def denoise(self, sources: list[Path], out_dir: Path, progress: Progress,
+                prior: Streamed | None = None) -> SeriesResult:
+        return denoise_series(sources, out_dir, self.engine, self.settings, self.fidelity, progress, prior)
 
 
 class SeriesProgress:
@@ -150,14 +160,20 @@ class Outcome:
 
 
 def run_series(processor: SeriesProcessor, sources: list[Path], out_dir: Path,
-               metrics: Metrics | None, bound, progress: Progress | None = None) -> Outcome:
+               metrics: Metrics | None, bound, progress: Progress | None = None,
+               prior: Streamed | None = None) -> Outcome:
     """Denoise one series into out_dir and say what came of it; never raises for a fault of the series.
-    progress: as SeriesProgress, which is the default; a broker worker's may raise to abandon the run."""
+    progress: as SeriesProgress, which is the default; a broker worker's may raise to abandon the run.
+    prior: what streaming derived of this run into out_dir already, kept as it is."""
+    progress = progress or SeriesProgress(bound, metrics)
     try:
         if not sources:
             raise FileNotFoundError("no spooled instance of the series is left on disk")
-        reset_dir(out_dir)
-        result = processor.denoise(sources, out_dir, progress or SeriesProgress(bound, metrics))
+        if prior is None:
+            reset_dir(out_dir)
+            result = processor.denoise(sources, out_dir, progress)
+        else:
+            result = processor.denoise(sources, out_dir, progress, prior)
     except Exception as exc:  # noqa: BLE001 - one bad series must not stop the node
         full = disk_full(exc)
         if full is None:
@@ -226,7 +242,11 @@ class Worker(PollingThread):
         poll_interval_s: float,
         metrics: Metrics | None = None,
         disk_full_retry_s: float = 60.0,
+        ledger: StreamLedger | None = None,
+        streamer: Streamer | None = None,
     ):
+        """ledger: streaming's records, so that a series streaming began is finished, not redone;
+        streamer: derives chunks of arriving series whenever no complete series waits (queue.stream)."""
         super().__init__("ldct-worker", poll_interval_s)
         self.queue = queue
         self.processor = processor
@@ -234,6 +254,8 @@ class Worker(PollingThread):
         self.destinations = destinations
         self.metrics = metrics
         self.disk_full_retry_s = disk_full_retry_s
+        self.ledger = ledger
+        self.streamer = streamer
         # The one-line reason while the outbox volume is full (for /healthz); None when writing works.
         self.waiting_for_space: str | None = None
         self._retry_at = 0.0
@@ -249,7 +271,7 @@ class Worker(PollingThread):
             return False
         job = self.queue.claim_next()
         if job is None:
-            return False
+            return self.streamer.step() if self.streamer else False
         self.process(job)
         return True
 
@@ -257,7 +279,10 @@ class Worker(PollingThread):
         bound = log.bind(series_uid=job.series_uid, run=job.run, instances=len(job.sources))
         bound.info("denoising series")
         out_dir = self.outbox_root / self.processor.output_series_uid(job.series_uid)
-        outcome = run_series(self.processor, job.sources, out_dir, self.metrics, bound)
+        prior = self.ledger.for_close(job, out_dir) if self.ledger else None
+        if prior is not None:
+            bound.info("finishing streamed series", streamed=len(prior.derived), set_aside=len(prior.set_aside))
+        outcome = run_series(self.processor, job.sources, out_dir, self.metrics, bound, prior=prior)
         if outcome.verdict == OutcomeKind.NO_SPACE:
             return self._wait_for_space(job, outcome.reason, bound)
         self.waiting_for_space = None
