@@ -1,4 +1,5 @@
-"""Durable, atomic file writes, shared by the spool, the derived-series writer and the weights writer.
+"""Durable, atomic file writes, shared by the derived-series writer and the weights writer; the spool
+(node/spool.py) writes the same way in two steps, staged in its root before the series is known.
 
 A file is written under a temporary name in its own folder, fsynced, renamed over its final name
 and the folder fsynced: a reader sees the old file or the whole new one, never a part, and after

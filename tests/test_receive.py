@@ -88,6 +88,11 @@ def spooled_files(receiver: Receiver) -> list[Path]:
     return sorted(receiver.spool.root.rglob("*.dcm"))
 
 
+def every_file(receiver: Receiver) -> list[Path]:
+    """Spooled instances and anything else, e.g. a staged temporary file left behind."""
+    return sorted(p for p in receiver.spool.root.rglob("*") if p.is_file())
+
+
 def test_stored_instance_is_spooled_as_sent_and_queued(node):
     receiver = node()
     ds = ct_dataset(rows=16, columns=16)
@@ -193,7 +198,7 @@ def test_corrupt_dataset_cannot_be_understood_and_the_node_keeps_serving(node, t
 def test_localizer_is_answered_success_but_not_spooled(node):
     receiver = node()
     assert store(receiver, localizer_dataset(rows=16, columns=16)) == Status.SUCCESS
-    assert spooled_files(receiver) == []
+    assert every_file(receiver) == []
 
 
 def test_own_derived_output_routed_back_is_answered_success_and_not_spooled(node):
@@ -387,7 +392,7 @@ def test_an_unusable_slice_is_refused_with_its_status_and_nothing_is_spooled(nod
     rsp = assoc.send_c_store(ds)
     assoc.release()
     assert (int(rsp.Status), str(rsp.ErrorComment)[:len(comment)]) == (status, comment)
-    assert spooled_files(receiver) == [] and receiver.queue.depth()["received"] == 0
+    assert every_file(receiver) == [] and receiver.queue.depth()["received"] == 0
     assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS  # the association's next slice is taken
 
 

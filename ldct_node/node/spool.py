@@ -2,21 +2,25 @@
 
 Layout: ``<spool_dir>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. The path alone names the series
 and the instance, so the queue can be rebuilt from the spool after a crash without parsing a
-single file (see ``scan``). A file is written to a temporary name in the same directory, fsynced,
-renamed over its final name and the directory fsynced: after ``write_instance`` returns the
-instance survives a power cut, and a re-sent instance atomically replaces the earlier copy.
+single file (see ``scan``). A file is written to a temporary name in the spool root, fsynced,
+renamed over its final name and the series directory fsynced: after ``write_instance`` (or
+``commit``) returns the instance survives a power cut, and a re-sent instance atomically replaces
+the earlier copy. ``stage`` starts the write before the caller knows the series (the receiver
+parses the header meanwhile); ``commit`` or ``discard`` finishes it.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldct_node.durable import DATA_FILE_MODE, TEMP_PREFIX, atomic_write_bytes, fsync_dir, private_dir
+from ldct_node.durable import DATA_FILE_MODE, TEMP_PREFIX, fsync_dir, private_dir
 
 # DICOM UIDs (PS3.5 §9): digits and dots, at most 64 characters. Checking this before a UID
 # becomes a path component is what stops a hostile dataset writing outside the spool.
@@ -31,6 +35,26 @@ class SpoolFull(OSError):
 
 def is_valid_uid(uid: str) -> bool:
     return bool(uid) and len(uid) <= MAX_UID_LENGTH and bool(_UID.match(uid))
+
+
+class Staged:
+    """An instance's bytes in a temporary file of the spool root, on their way to the disk."""
+
+    def __init__(self, path: Path | None, fd: int | None = None, error: OSError | None = None):
+        self.path = path  # None: nothing left on disk (failed, committed or discarded)
+        self.fd = fd  # open until synced
+        self.error = error
+
+    def sync(self) -> None:
+        """Return once the bytes are on disk; raise the OSError that kept them from it."""
+        if self.error is not None:
+            raise self.error
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -75,18 +99,62 @@ class Spool:
         """Store one encoded instance durably; raises SpoolFull (nothing left behind) when there is no room."""
         if not self.has_room():
             raise SpoolFull(errno.ENOSPC, f"spool has less than {self.min_free_bytes} bytes free")
-        final = self.path_for(series_uid, sop_uid)
+        self.path_for(series_uid, sop_uid)  # a UID that is no DICOM UID is refused before anything is written
+        return self.commit(self.stage(data), series_uid, sop_uid)
+
+    def stage(self, data: bytes) -> Staged:
+        """Write data to a temporary file of the spool root and start its way to the disk, so that the
+        caller can work on (parse) the data meanwhile; commit or discard the result. Errors come out of
+        commit."""
         try:
+            fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.root)
+        except OSError as exc:
+            return Staged(None, error=exc)
+        try:
+            os.fchmod(fd, DATA_FILE_MODE)
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+            # On Linux this starts the writeback of the (dirty) pages now and returns; they stay cached.
+            # Written back while the caller parses, a 0.5 MB file then takes commit's fsync about 0.2
+            # instead of 0.6 ms. A thread of its own doing the fsync gained less: two GIL handovers.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            os.close(fd)
+            Path(temp).unlink(missing_ok=True)
+            return Staged(None, error=exc)
+        return Staged(Path(temp), fd)
+
+    def commit(self, staged: Staged, series_uid: str, sop_uid: str) -> SpooledInstance:
+        """Move a staged file to its place once it is on disk: after this returns it survives a power cut.
+        Raises SpoolFull (nothing left behind) when the volume filled while it was written."""
+        try:
+            final = self.path_for(series_uid, sop_uid)
+            staged.sync()
             if not final.parent.is_dir():
                 private_dir(final.parent)
                 # the new directory entry must itself be durable, or a power cut loses the whole series
                 fsync_dir(self.root)
-            atomic_write_bytes(final, data, DATA_FILE_MODE)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            os.replace(staged.path, final)
+            staged.path = None
+        except BaseException as exc:
+            self.discard(staged)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(exc.errno, f"spool volume full: {exc.strerror}") from exc
             raise
+        # the rename itself must reach the disk, or a crash can leave the series without the file
+        fsync_dir(final.parent)
         return SpooledInstance(series_uid, sop_uid, final)
+
+    def discard(self, staged: Staged) -> None:
+        """Remove a staged file that is not to be kept; nothing if none is left."""
+        if staged.fd is not None:
+            os.close(staged.fd)
+            staged.fd = None
+        if staged.path is not None:
+            staged.path.unlink(missing_ok=True)
+            staged.path = None
 
     def remove_series(self, series_uid: str) -> None:
         shutil.rmtree(self.series_dir(series_uid), ignore_errors=True)
@@ -95,6 +163,9 @@ class Spool:
 
     def scan(self) -> list[SpooledInstance]:
         """Every complete spooled instance; left-over temporary files of a crashed write are removed."""
+        for path in self.root.iterdir():
+            if path.name.startswith(TEMP_PREFIX) and path.is_file():
+                path.unlink(missing_ok=True)
         found = []
         for series_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and is_valid_uid(p.name)):
             for path in sorted(series_dir.iterdir()):
