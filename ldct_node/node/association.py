@@ -1,5 +1,6 @@
 """The one place a pynetdicom AE is set up from the node's settings, for the receiver (acceptor) and
-for send and echo (requestor), so that PDU size and timeouts mean the same on every path."""
+echo (requestor), so that PDU size and timeouts mean the same on every path; the sender's own
+C-STORE requestor (``ldct_node.node.store_scu``) reads the same AssociationSettings."""
 
 from __future__ import annotations
 

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydicom
-from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 from pynetdicom.status import Status
 
 from ldct_node.config import Destination, SendSettings
 from ldct_node.logs import get_logger
-from ldct_node.node.association import configure_ae, disable_nagle
+from ldct_node.node.association import configure_ae
 from ldct_node.node.jobs import FINISHED, DueDelivery, JobStore, RetryPolicy, SeriesState
 from ldct_node.node.observe import Metrics
+from ldct_node.node.store_scu import AssociationFailed, PeerGone, StoreAssociation
 from ldct_node.node.tls import client_context
 from ldct_node.polling import PollingThread
 
@@ -38,11 +38,6 @@ if TYPE_CHECKING:  # stream.py builds on the worker, which the sender need not l
     from ldct_node.node.stream import StreamLedger
 
 log = get_logger(__name__)
-
-# Send the outbox files' bytes as they are instead of decoding and re-encoding every one: we propose
-# exactly the transfer syntaxes the files are written in, so the accepted context always matches.
-_config.STORE_SEND_CHUNKED_DATASET = True
-
 
 class StoreWarning(IntEnum):
     """C-STORE warning statuses (PS3.4 B.2.3): the destination stored the instance, with a remark."""
@@ -82,18 +77,12 @@ def tls_args(destination: Destination, context: ssl.SSLContext | None = None) ->
     return (context or client_context(destination.tls, f"send.destinations[{destination.name}].tls"), destination.host)
 
 
-def _unreachable(destination: Destination, assoc) -> str:
-    what = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
-    if destination.tls is not None and not assoc.is_rejected:
+def _unreachable(destination: Destination, failed: AssociationFailed) -> str:
+    what = "rejected the association" if failed.rejected else "could not be reached or aborted"
+    if destination.tls is not None and not failed.rejected:
         what += (" (TLS: or the handshake failed: check that it speaks TLS, that its certificate is signed by"
                  " tls.ca_file and names the host, and whether it wants a client certificate)")
-    return f"{destination.ae_title}@{destination.host}:{destination.port} {what}"
-
-
-def make_ae(settings: SendSettings, transfer_syntaxes: list[str]) -> AE:
-    ae = configure_ae(settings.association)
-    ae.add_requested_context(CTImageStorage, transfer_syntaxes)
-    return ae
+    return f"{destination.ae_title}@{destination.host}:{destination.port} {what}: {failed}"
 
 
 def transfer_syntaxes_of(files: list[Path]) -> list[str]:
@@ -114,28 +103,32 @@ def send_series(files: list[Path], destination: Destination, settings: SendSetti
         raise SendError("no derived instances to send")
     started = time.monotonic()
     # Files of one series share a transfer syntax; reading every meta guards against a mixed outbox.
-    ae = make_ae(settings, transfer_syntaxes_of(files))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         tls_args=tls_args(destination, context), evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)])
-    if not assoc.is_established:
-        raise SendError(_unreachable(destination, assoc))
+    try:
+        assoc = StoreAssociation.request(destination.host, destination.port, destination.ae_title, CTImageStorage,
+                                         transfer_syntaxes_of(files), settings.association,
+                                         tls_args(destination, context))
+    except AssociationFailed as exc:
+        raise SendError(_unreachable(destination, exc)) from None
     sent = warnings = 0
+    lost = False
     try:
         for path in files:
-            rsp = assoc.send_c_store(path)
-            status = rsp.get("Status") if rsp else None
-            if status is None:
-                raise SendError(f"no C-STORE response for {path.stem} (association lost or timed out)")
-            if not status_stored(int(status)):
-                comment = rsp.get("ErrorComment", "")
-                raise SendError(f"C-STORE of {path.stem} answered 0x{int(status):04X} {comment}".strip())
-            warnings += int(status) != Status.SUCCESS
+            try:
+                rsp = assoc.store(path)
+            except PeerGone as exc:
+                lost = True
+                raise SendError(f"no C-STORE response for {path.stem} ({exc})") from None
+            except (OSError, ValueError) as exc:
+                raise SendError(f"cannot send {path}: {exc}") from None
+            if not status_stored(rsp.status):
+                raise SendError(f"C-STORE of {path.stem} answered 0x{rsp.status:04X} {rsp.error_comment}".strip())
+            warnings += rsp.status != Status.SUCCESS
             sent += 1
             if stored is not None:
                 stored.append(path)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        # A refused instance leaves the association sound: released as usual; a lost one is cut.
+        (assoc.abort if lost else assoc.release)()
     return SendResult(sent, warnings, time.monotonic() - started)
 
 
