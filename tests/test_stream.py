@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from structlog.testing import capture_logs
 
+from ldct_node.commands.queue import format_table
 from ldct_node.config import DeriveSettings, FidelitySettings, InferenceSettings, SendSettings
 from ldct_node.net.inference import DenoiseEngine
 from ldct_node.node.daemon import Node
@@ -96,6 +97,15 @@ def test_arriving_instances_are_derived_a_chunk_at_a_time_before_the_quiet_perio
         derived.append(len(files_in(setup.out_dir(uid))))
     assert derived == [2, 4, 5]
     assert setup.queue.series(uid).state == SeriesState.RECEIVED
+
+
+def test_queue_list_shows_how_many_slices_of_an_arriving_series_are_streamed(setup):
+    series = ct_series(3, rows=32, columns=32)
+    setup.arrive(series)
+    assert setup.worker.step()
+    row = setup.queue.series(series[0].SeriesInstanceUID)
+    assert row.streamed == CHUNK
+    assert f"streamed={CHUNK}" in format_table([row])
 
 
 def test_the_close_run_keeps_streamed_slices_and_derives_only_the_rest(setup, tmp_path):

@@ -11,7 +11,9 @@ a retried series at its next poll.
 DETAIL shows, after deliveries and reason, the instances of a run the worker set aside because it
 could not use them ("set aside N: SOP Instance UID: reason; ..."); ``--json`` has them all under
 ``set_aside``. With a broker (``[broker] url``), DETAIL starts with ``worker=NAME``, the worker host
-that holds the series being denoised (or derived the finished run); ``--json`` has it as ``worker``. ``retry`` sends a failed series again when its derived series is still in the outbox, otherwise
+that holds the series being denoised (or derived the finished run); ``--json`` has it as ``worker``.
+With ``queue.stream``, a series still arriving shows ``streamed=N``, the slices derived (and sent
+on) so far; ``--json`` has it as ``streamed``. ``retry`` sends a failed series again when its derived series is still in the outbox, otherwise
 denoises it again. ``purge`` forgets series and deletes their spooled input and derived output;
 series being denoised or sent are refused.
 """
@@ -68,6 +70,8 @@ def format_table(rows: list[SeriesRow]) -> str:
             detail = (f"{detail}  " if detail else "") + set_aside_detail(row.set_aside)
         if row.worker:
             detail = f"worker={row.worker}" + (f"  {detail}" if detail else "")
+        if row.streamed and row.state in (SeriesState.RECEIVED, SeriesState.QUEUED):
+            detail = f"streamed={row.streamed}" + (f"  {detail}" if detail else "")
         lines.append(f"{row.series_uid:<64}  {row.state:<9}  {row.run:>3}  {row.instances:>4}  "
                      f"{_when(row.last_received_at):<19}  {detail}")
     return "\n".join(lines)

@@ -240,6 +240,8 @@ class SeriesRow:
     set_aside: list[dict] = field(default_factory=list)
     # With a broker ([broker] url): the worker host that took the current run; None before, or without a broker.
     worker: str | None = None
+    # With queue.stream: slices of this run derived while the series was still arriving.
+    streamed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -677,6 +679,8 @@ class JobStore:
         if fields["instances"] is None:
             fields["instances"] = db.execute(
                 "SELECT count(*) FROM instances WHERE series_uid = ?", (series_uid,)).fetchone()[0]
+        fields["streamed"] = db.execute(
+            "SELECT count(*) FROM streamed WHERE series_uid = ? AND derived IS NOT NULL", (series_uid,)).fetchone()[0]
         deliveries = [
             Delivery(r["destination"], DeliveryState(r["state"]), r["attempts"], r["next_attempt_at"],
                      r["pending_since"], r["sent"], r["error"])
