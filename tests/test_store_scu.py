@@ -19,15 +19,8 @@ from pynetdicom.sop_class import CTImageStorage
 
 from ldct_node.config import Destination, SendSettings
 from ldct_node.node.send import SendError, send_series
-from ldct_node.node.store_scu import (
-    COMMAND,
-    LAST,
-    c_store_rq,
-    command_elements,
-    p_data_tf,
-    pdv_items,
-    read_part_ten,
-)
+from ldct_node.node.store_scu import c_store_rq, read_part_ten
+from ldct_node.node.upper_layer import COMMAND, LAST, command_elements, p_data_tf, pdv_items
 from tests.synthetic import ct_series, save
 
 SETTINGS = SendSettings(acse_timeout_s=5, dimse_timeout_s=5, network_timeout_s=5)

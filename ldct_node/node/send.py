@@ -30,8 +30,9 @@ from ldct_node.logs import get_logger
 from ldct_node.node.association import configure_ae
 from ldct_node.node.jobs import FINISHED, DueDelivery, JobStore, RetryPolicy, SeriesState
 from ldct_node.node.observe import Metrics
-from ldct_node.node.store_scu import AssociationFailed, PeerGone, StoreAssociation
+from ldct_node.node.store_scu import AssociationFailed, StoreAssociation
 from ldct_node.node.tls import client_context
+from ldct_node.node.upper_layer import PeerGone
 from ldct_node.polling import PollingThread
 
 if TYPE_CHECKING:  # stream.py builds on the worker, which the sender need not load

@@ -31,27 +31,50 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from ldct_node.config import AssociationSettings
+from ldct_node.node.upper_layer import (
+    ABORT,
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    APPLICATION_CONTEXT,
+    ASSOCIATE_AC,
+    ASSOCIATE_RJ,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    COMMAND,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    ERROR_COMMENT,
+    LAST,
+    MESSAGE_ID,
+    P_DATA_TF,
+    PDU_HEADER,
+    PDV_OVERHEAD,
+    PRIORITY,
+    RELEASE_RP,
+    RELEASE_RQ_PDU,
+    RESPONDED_TO,
+    STATUS,
+    PeerGone,
+    abort_pdu,
+    command_elements,
+    command_set,
+    element,
+    p_data_tf,
+    pdv_items,
+    read_exactly,
+    read_header,
+    text_of,
+    uid_value,
+    us,
+    us_of,
+)
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # DICOM Application Context Name (PS3.7 A.2.1)
-
-# PDU types (PS3.8 9.3.1).
-ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
-# PDV message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
-COMMAND, LAST = 0x01, 0x02
-# A PDV item's overhead inside a P-DATA-TF body: item length (4), context ID, control header.
-PDV_OVERHEAD = 6
-_PDU_HEADER = struct.Struct(">BxL")
 # Longest association-phase PDU read from a peer (an A-ASSOCIATE-AC of 128 contexts stays far below).
 _ASSOCIATE_MAX = 256 * 1024
-# Largest response PDU read while sending: a C-STORE-RSP command set is a few hundred bytes.
+# Largest PDU read while sending: a C-STORE-RSP command set is a few hundred bytes.
 _RESPONSE_MAX = 1024 * 1024
-_RELEASE_RQ = struct.pack(">BxLL", RELEASE_RQ, 4, 0)
-# A-ABORT, source service-user, no reason (PS3.8 9.3.8).
-_ABORT = struct.pack(">BxLBBBB", ABORT, 4, 0, 0, 0, 0)
-
-C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
-_DATA_SET = 0x0000  # CommandDataSetType: a data set follows (PS3.7 E.1)
 _MEDIUM = 0x0000  # Priority
+_DATA_SET = 0x0000  # CommandDataSetType: a data set follows
 # Explicit VR (File Meta Information) VRs whose length field is 4 bytes after 2 reserved ones.
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
@@ -62,10 +85,6 @@ class AssociationFailed(Exception):
     def __init__(self, reason: str, rejected: bool):
         super().__init__(reason)
         self.rejected = rejected
-
-
-class PeerGone(Exception):
-    """The association ended under a request: the peer aborted or closed it, or did not answer in time."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +103,6 @@ class StoreResponse:
     error_comment: str
 
 
-def _text(value: bytes) -> str:
-    return value.rstrip(b"\0 ").decode("ascii", "replace")
-
-
 def read_part_ten(head: bytes) -> PartTen:
     """The File Meta Information (PS3.10 7.1, explicit VR little endian) at the start of a file's bytes;
     ValueError when it is not a DICOM file or misses one of the three UIDs."""
@@ -95,7 +110,7 @@ def read_part_ten(head: bytes) -> PartTen:
         raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
     at, found = 132, {}
     while at + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, at)
+        group, number = struct.unpack_from("<HH", head, at)
         if group != 0x0002:
             break
         vr = head[at + 4:at + 6]
@@ -105,61 +120,24 @@ def read_part_ten(head: bytes) -> PartTen:
         else:
             (length,) = struct.unpack_from("<H", head, at + 6)
             value_at = at + 8
-        found[element] = head[value_at:value_at + length]
+        found[number] = head[value_at:value_at + length]
         at = value_at + length
     try:
-        return PartTen(_text(found[0x0002]), _text(found[0x0003]), _text(found[0x0010]), at)
+        return PartTen(text_of(found[0x0002]), text_of(found[0x0003]), text_of(found[0x0010]), at)
     except KeyError as missing:
         raise ValueError(f"File Meta Information lacks (0002,{missing.args[0]:04X})") from None
 
 
-def _element(element: int, value: bytes) -> bytes:
-    """One command element (group 0000), implicit VR little endian as PS3.7 6.3.1 requires."""
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    data = value.encode("ascii")
-    return data + b"\0" if len(data) % 2 else data
-
-
 def c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """The C-STORE-RQ command set (PS3.7 9.3.1.1), CommandGroupLength first."""
-    body = b"".join((
-        _element(0x0002, _uid(sop_class_uid)),
-        _element(0x0100, struct.pack("<H", C_STORE_RQ)),
-        _element(0x0110, struct.pack("<H", message_id)),
-        _element(0x0700, struct.pack("<H", _MEDIUM)),
-        _element(0x0800, struct.pack("<H", _DATA_SET)),
-        _element(0x1000, _uid(sop_instance_uid)),
-    ))
-    return _element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def command_elements(command: bytes) -> dict[int, bytes]:
-    """Element number -> value of an implicit VR little endian command set (group 0000)."""
-    found, at = {}, 0
-    while at + 8 <= len(command):
-        group, element, length = struct.unpack_from("<HHL", command, at)
-        found[element] = command[at + 8:at + 8 + length]
-        at += 8 + length
-    return found
-
-
-def p_data_tf(context_id: int, control: int, fragment: bytes | memoryview) -> bytes:
-    """One P-DATA-TF PDU carrying one PDV item."""
-    return struct.pack(">BxLLBB", P_DATA_TF, len(fragment) + PDV_OVERHEAD, len(fragment) + 2, context_id,
-                       control) + fragment
-
-
-def pdv_items(body: bytes) -> list[tuple[int, int, bytes]]:
-    """(context ID, control header, data) of each PDV item of a P-DATA-TF body."""
-    items, at = [], 0
-    while at + PDV_OVERHEAD <= len(body):
-        (length,) = struct.unpack_from(">L", body, at)
-        items.append((body[at + 4], body[at + 5], body[at + 6:at + 4 + length]))
-        at += 4 + length
-    return items
+    """The C-STORE-RQ command set (PS3.7 9.3.1.1)."""
+    return command_set(
+        element(AFFECTED_SOP_CLASS, uid_value(sop_class_uid)),
+        element(COMMAND_FIELD, us(C_STORE_RQ)),
+        element(MESSAGE_ID, us(message_id)),
+        element(PRIORITY, us(_MEDIUM)),
+        element(DATA_SET_TYPE, us(_DATA_SET)),
+        element(AFFECTED_SOP_INSTANCE, uid_value(sop_instance_uid)),
+    )
 
 
 class StoreAssociation:
@@ -243,7 +221,7 @@ class StoreAssociation:
             if pdu_type != P_DATA_TF:
                 raise PeerGone("the destination aborted the association" if pdu_type == ABORT
                                else f"the destination sent PDU type 0x{pdu_type:02X} instead of a C-STORE response")
-            for _context, control, value in pdv_items(pdu[6:]):
+            for _context, control, value in pdv_items(pdu[PDU_HEADER.size:]):
                 if control & COMMAND:
                     command += value
                     if control & LAST:
@@ -253,7 +231,7 @@ class StoreAssociation:
         """A-RELEASE, then close; a peer that does not answer within acse_timeout_s is simply left."""
         try:
             self.sock.settimeout(self.settings.acse_timeout_s)
-            self.sock.sendall(_RELEASE_RQ)
+            self.sock.sendall(RELEASE_RQ_PDU)
             while _read_pdu(self.sock, _RESPONSE_MAX)[0] != RELEASE_RP:
                 pass
         except (OSError, ssl.SSLError, PeerGone):
@@ -263,7 +241,7 @@ class StoreAssociation:
 
     def abort(self) -> None:
         try:
-            self.sock.sendall(_ABORT)
+            self.sock.sendall(abort_pdu())
         except (OSError, ssl.SSLError):
             pass
         finally:
@@ -272,13 +250,12 @@ class StoreAssociation:
 
 def _store_response(command: bytes, message_id: int) -> StoreResponse:
     found = command_elements(command)
-    field = struct.unpack("<H", found.get(0x0100, b"\0\0")[:2])[0]
-    if field != C_STORE_RSP or 0x0900 not in found:
+    field = us_of(found, COMMAND_FIELD)
+    if field != C_STORE_RSP or STATUS not in found:
         raise PeerGone(f"the destination answered command 0x{field:04X} instead of a C-STORE response")
-    responded = struct.unpack("<H", found.get(0x0120, b"\0\0")[:2])[0]
-    if responded != message_id:
-        raise PeerGone(f"the destination answered message {responded}, not {message_id}")
-    return StoreResponse(struct.unpack("<H", found[0x0900][:2])[0], _text(found.get(0x0902, b"")))
+    if us_of(found, RESPONDED_TO) != message_id:
+        raise PeerGone(f"the destination answered message {us_of(found, RESPONDED_TO)}, not {message_id}")
+    return StoreResponse(us_of(found, STATUS), text_of(found.get(ERROR_COMMENT, b"")))
 
 
 def _associate_rq(called_ae: str, sop_class_uid: str, contexts: dict[str, int], settings: AssociationSettings) -> bytes:
@@ -307,27 +284,9 @@ def _associate_rq(called_ae: str, sop_class_uid: str, contexts: dict[str, int], 
     return pdu.encode()
 
 
-def _read_exactly(sock: socket.socket, count: int) -> bytes:
-    buffer = bytearray(count)
-    view, got = memoryview(buffer), 0
-    while got < count:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise PeerGone("the destination closed the connection")
-        got += n
-    return bytes(buffer)
-
-
 def _read_pdu(sock: socket.socket, limit: int) -> tuple[int, bytes]:
     """(type, whole PDU) of the next PDU; PeerGone for one longer than limit or a closed connection."""
-    try:
-        header = _read_exactly(sock, _PDU_HEADER.size)
-    except TimeoutError:
-        raise PeerGone("no answer within the timeout") from None
-    pdu_type, length = _PDU_HEADER.unpack(header)
+    pdu_type, length = read_header(sock)
     if length > limit:
         raise PeerGone(f"PDU type 0x{pdu_type:02X} of {length} bytes, over the {limit} accepted")
-    try:
-        return pdu_type, header + _read_exactly(sock, length)
-    except TimeoutError:
-        raise PeerGone("no answer within the timeout") from None
+    return pdu_type, PDU_HEADER.pack(pdu_type, length) + bytes(read_exactly(sock, length))
