@@ -187,7 +187,8 @@ class DestinationTls:
 @dataclass(frozen=True)
 class AssociationSettings:
     """What every association the node takes part in is held to, whether it accepts it (receive) or
-    asks for it (send, echo): ``ldct_node.node.association.configure_ae`` applies it."""
+    asks for it (send, echo): the receiver's acceptor, the sender's requestor and
+    ``ldct_node.node.association.configure_ae`` (echo) apply it."""
 
     ae_title: str
     max_pdu: int

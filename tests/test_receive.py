@@ -20,7 +20,7 @@ from pydicom.uid import (
     MRImageStorage,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import Status
@@ -30,6 +30,7 @@ from ldct_node.config import AllowedPeer
 from ldct_node.dicom.derive import MANUFACTURER
 from ldct_node.dicom.series import classify
 from ldct_node.node.receive import (
+    PROCESSING_FAILURE,
     TRANSFER_SYNTAXES,
     Receiver,
     Refused,
@@ -195,6 +196,20 @@ def test_corrupt_dataset_cannot_be_understood_and_the_node_keeps_serving(node, t
     assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS
 
 
+def test_a_fault_of_the_node_is_a_processing_failure_for_that_instance_and_the_association_goes_on(node, monkeypatch):
+    receiver = node()
+    assoc = associate(receiver)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(receiver.queue, "add_instance", lambda *a, **k: 1 / 0)
+            with capture_logs() as logs:
+                assert int(assoc.send_c_store(ct_dataset(rows=16, columns=16)).Status) == PROCESSING_FAILURE
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["instance not stored"]
+        assert int(assoc.send_c_store(ct_dataset(rows=16, columns=16)).Status) == Status.SUCCESS
+    finally:
+        assoc.release()
+
+
 def test_localizer_is_answered_success_but_not_spooled(node):
     receiver = node()
     assert store(receiver, localizer_dataset(rows=16, columns=16)) == Status.SUCCESS
@@ -253,23 +268,11 @@ def test_inspect_refuses_a_sop_uid_that_differs_from_the_request():
     assert inspect(buf.getvalue(), ds.SOPInstanceUID, classify).ignored is None
 
 
-def test_settings_reach_the_application_entity(node):
-    receiver = node(max_pdu=65536, max_associations=3, max_pending_connections=5, acse_timeout_s=7.0)
-    ae = receiver._make_ae()
-    assert ae.maximum_pdu_size == 65536
-    # The receiver's own admission enforces both limits and its own deadline; pynetdicom's are backstops behind them.
-    assert ae.maximum_associations == 3 + 5 and ae.acse_timeout > 7.0
-
-
-def test_an_association_keeps_only_the_receivers_own_handlers_on_pynetdicoms_logging_events(node):
-    receiver = node()
+def test_the_association_offers_the_configured_pdu_limit(node):
+    receiver = node(max_pdu=65536)
     assoc = associate(receiver)
     try:
-        (accepted,) = receiver._server.active_associations
-        assert accepted.get_handlers(evt.EVT_DIMSE_RECV) == [(receiver._on_dimse, None)]
-        for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_SENT):
-            assert accepted.get_handlers(event) == []
-        assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS
+        assert assoc.acceptor.maximum_length == 65536
     finally:
         assoc.release()
 

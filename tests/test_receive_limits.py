@@ -10,16 +10,19 @@ import socket
 import struct
 import threading
 import time
+from io import BytesIO
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 from structlog.testing import capture_logs
 
-from ldct_node.node.receive import ASSOCIATE_RQ_MAX, GuardedSocket, PduGuard, Receiver, pdv_fragments
+from ldct_node.node.acceptor import ASSOCIATE_RQ_MAX
+from ldct_node.node.receive import Receiver
+from ldct_node.node.upper_layer import PeerClosed, TimedOut, pdv_items, read_exactly
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -168,34 +171,28 @@ def test_an_instance_larger_than_max_instance_bytes_is_aborted_in_pdus_of_allowe
     assert wait_for(lambda: refusals(receiver, "instance_too_large") == 1)
 
 
-def test_pdv_fragments_are_walked_from_a_p_data_body():
+def test_pdv_items_are_walked_from_a_p_data_body_and_a_broken_one_is_refused():
     body = pdv(b"abc", 0x03) + pdv(b"defgh", 0x00, context_id=3)
-    assert list(pdv_fragments(body)) == [(0x03, 3), (0x00, 5)]
+    assert [(cid, control, bytes(data)) for cid, control, data in pdv_items(body)] == [
+        (1, 0x03, b"abc"), (3, 0x00, b"defgh")]
+    with pytest.raises(ValueError):
+        pdv_items(body[:-1])
 
 
-def test_the_guard_follows_header_then_body_reads_and_resets_at_each_last_fragment():
-    guard = PduGuard(max_pdu=100, max_instance=10)
-    for body in (pdv(b"12345678", 0x00), pdv(b"12", 0x02), pdv(b"123456789", 0x02)):
-        header = struct.pack(">BBL", P_DATA_TF, 0, len(body))
-        assert guard.check(6) is None and guard.read(header) is None
-        assert guard.check(len(body)) is None and guard.read(body) is None
-    assert guard.read(struct.pack(">BBL", P_DATA_TF, 0, 101)) is None
-    assert guard.check(101).label == "pdu_too_long"
-
-
-def test_a_read_returns_the_whole_length_sent_in_parts_and_less_only_when_the_peer_closes():
+def test_a_read_returns_the_whole_length_sent_in_parts_and_says_when_the_peer_closed_or_the_time_ran_out():
     ours, peer = socket.socketpair()
-    sock = GuardedSocket.__new__(GuardedSocket)  # _read needs only the connection's socket
-    sock.socket = ours
     try:
         peer.sendall(b"a" * 100_000)
         later = threading.Timer(0.05, peer.sendall, (b"b" * 50_000,))
         later.start()
-        assert sock._read(150_000) == b"a" * 100_000 + b"b" * 50_000
+        assert read_exactly(ours, 150_000) == b"a" * 100_000 + b"b" * 50_000
         later.join()
         peer.sendall(b"c" * 10)
+        with pytest.raises(TimedOut):
+            read_exactly(ours, 100, deadline=time.monotonic() + 0.1)
         peer.close()
-        assert sock._read(100) == b"c" * 10
+        with pytest.raises(PeerClosed):
+            read_exactly(ours, 100)
     finally:
         ours.close()
 
@@ -343,3 +340,23 @@ def test_a_request_uid_over_64_characters_is_logged_when_pynetdicom_aborts(node)
     assert line["element"] == "AffectedSOPInstanceUID" and line["length"] == len(long_uid)
     assert line["calling_ae"] == "SCANNER" and long_uid not in str(line)
     assert wait_for(lambda: refusals(receiver, "uid_too_long") == 1)
+
+
+def test_a_command_other_than_store_or_echo_is_answered_unrecognised_and_the_association_goes_on(node):
+    receiver = node()
+    sock = raw_associate(receiver)
+    find = Dataset()
+    find.AffectedSOPClassUID = Verification
+    find.CommandField = 0x0020  # C-FIND-RQ
+    find.MessageID = 5
+    find.CommandDataSetType = 0x0101
+    find.CommandGroupLength = len(encode(find, True, True))
+    sock.sendall(pdu(P_DATA_TF, pdv(encode(find, True, True), 0x03)))
+    pdu_type, body = read_pdu(sock)
+    (_context, control, command), = pdv_items(body)
+    answer = decode(BytesIO(bytes(command)), True, True)
+    assert (pdu_type, control, answer.CommandField, answer.MessageIDBeingRespondedTo, answer.Status) == (
+        P_DATA_TF, 0x03, 0x8020, 5, 0x0211)
+    sock.sendall(pdu(0x05, bytes(4)))  # A-RELEASE-RQ
+    assert read_pdu(sock)[0] == 0x06
+    sock.close()

@@ -1,10 +1,8 @@
-"""The one place a pynetdicom AE is set up from the node's settings, for the receiver (acceptor) and
-echo (requestor), so that PDU size and timeouts mean the same on every path; the sender's own
-C-STORE requestor (``ldct_node.node.store_scu``) reads the same AssociationSettings."""
+"""The one place a pynetdicom AE is set up from the node's settings (for ``echo``), so that PDU size
+and timeouts mean what they mean to the node's own acceptor (``ldct_node.node.acceptor``, receive)
+and requestor (``ldct_node.node.store_scu``, send), which read the same AssociationSettings."""
 
 from __future__ import annotations
-
-import socket
 
 from pynetdicom import AE
 
@@ -20,9 +18,3 @@ def configure_ae(settings: AssociationSettings) -> AE:
     ae.dimse_timeout = settings.dimse_timeout_s
     ae.network_timeout = settings.network_timeout_s
     return ae
-
-
-def disable_nagle(event) -> None:
-    """EVT_CONN_OPEN handler. pynetdicom leaves Nagle's algorithm on, which holds each small DIMSE
-    command or response back by up to ~40 ms: for a C-STORE per slice that is most of the time."""
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

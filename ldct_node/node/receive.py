@@ -1,4 +1,5 @@
-"""The DICOM receiver: a pynetdicom SCP for C-ECHO and C-STORE of CT Image Storage.
+"""The DICOM receiver: an SCP for C-ECHO and C-STORE of CT Image Storage (the protocol in
+``ldct_node.node.acceptor``, the decisions here).
 
 What a sender sees:
 
@@ -22,7 +23,7 @@ What a sender sees:
     associations let in (``receive.max_associations``, ``max_associations_per_caller`` per calling AE
     title and address; beyond them "rejected-transient, local limit exceeded") are counted apart.
   * Each refusal is one warning line and ``ldct_connections_refused_total{reason}``. A request whose
-    command has a UID over 64 characters is aborted by pynetdicom; the node logs ``request refused``.
+    command has a UID over 64 characters is aborted; the node logs ``request refused``.
 - C-STORE statuses:
 
   ============  =============================================================================
@@ -47,6 +48,8 @@ What a sender sees:
   ``0xC001``    cannot understand: StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID
                 missing or malformed (a component with a leading zero included), SOPInstanceUID
                 different from the request's, or SOPClassUID missing or not CT Image Storage.
+  ``0x0110``    processing failure: a fault of the node itself while storing (logged as an
+                error, "instance not stored"); the association goes on.
   ============  =============================================================================
 
   Every failure status carries an ErrorComment and is logged with the UIDs known so far and the
@@ -65,7 +68,6 @@ compressed and kept (uncompressed pixel data: its length is checked, never decod
 
 from __future__ import annotations
 
-import functools
 import socket
 import sqlite3
 import ssl
@@ -76,17 +78,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
 from io import BytesIO
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.sop_class import CTImageStorage, Verification
-from pynetdicom.status import Status
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
-from pynetdicom.utils import make_target
 
 from ldct_node.config import AllowedPeer, ReceiveSettings
 from ldct_node.dicom.pixels import decode_problem
@@ -102,7 +99,7 @@ from ldct_node.dicom.series import (
     uid_problem,
 )
 from ldct_node.logs import get_logger
-from ldct_node.node.association import configure_ae, disable_nagle
+from ldct_node.node.acceptor import Acceptor, Limits, Refusal, Stored
 from ldct_node.node.jobs import JobStore
 from ldct_node.node.observe import Metrics
 from ldct_node.node.spool import Spool, SpoolFull, Staged
@@ -132,30 +129,18 @@ class StoreFailure(IntEnum):
     BAD_UIDS = 0xC001  # in the cannot-understand range: an identifying UID, SOP class or instance
 
 
-ACCEPTED = 0x00  # A-ASSOCIATE Result (PS3.8 §7.1.1.7); 0x01 / 0x02: rejected permanent / transient
+SUPPORTED = {CTImageStorage: TRANSFER_SYNTAXES, Verification: TRANSFER_SYNTAXES[:2]}
+SUCCESS = 0x0000
+PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.2.1.4: the node failed, not the instance
 # A-ASSOCIATE-RJ (PS3.8 §9.3.4) as (result, source, reason): rejected-permanent, DICOM UL service-user,
 # calling / called AE title not recognised; rejected-transient, service-provider (presentation), local
 # limit exceeded: the caller may try again later.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
-
-P_DATA_TF = 0x04
-_PDU_TYPES = range(0x01, 0x08)
-# Largest A-ASSOCIATE-RQ (or release / abort PDU) read: 128 presentation contexts, each with ten
-# 64-character transfer syntaxes, plus user identity, stay under 128 KiB.
-ASSOCIATE_RQ_MAX = 256 * 1024
-_LAST_FRAGMENT = 0x02  # PDV message control header bit 1 (PS3.8 §E.2)
-_UID_MAX = 64
-_ARTIM_GRACE_S = 1.0
-_ERROR_COMMENT_MAX = 64  # ErrorComment is LO
-# Most bytes one socket read asks for: what has arrived (up to this) comes in one call, so memory
-# still grows only with the bytes a peer actually sends.
-_RECV_CHUNK = 1_048_576
-# pynetdicom binds its standard handlers to these on every association: they format each PDU and
-# DIMSE message for its own logger at info/debug level, which nothing shows (the node logs through
-# structlog; stdlib logging stays at its WARNING default), at 0.2-0.3 ms per C-STORE on the DUL thread.
-_PYNETDICOM_LOGGING_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+# Connections the kernel holds until the accepting thread takes them.
+_BACKLOG = 128
+_ACCEPT_RETRY_S = 0.1
 
 
 class Refused(Exception):
@@ -196,110 +181,6 @@ class AssociationAudit:
             "instances_refused": self.instances["refused"],
             "ended": self.ended or "connection closed", "seconds": round(closed_at - self.opened_at, 3),
         }
-
-
-class Refusal(NamedTuple):
-    """Why the node refuses or cuts a connection: the metric's label and a one-line reason."""
-
-    label: str
-    reason: str
-
-
-def pdv_fragments(body: bytes) -> Iterator[tuple[int, int]]:
-    """(message control header, data length) of each PDV item of a P-DATA-TF body; stops at a broken item."""
-    at = 0
-    while at + 6 <= len(body):
-        (length,) = struct.unpack_from(">L", body, at)
-        if length < 2 or at + 4 + length > len(body):
-            return
-        yield body[at + 5], length - 2
-        at += 4 + length
-
-
-class PduGuard:
-    """Follows one connection's PDUs as pynetdicom's DUL reads them, ``recv(6)`` for a header and then
-    ``recv(length)`` for its body, and says when to refuse: before a body longer than the node accepts is
-    read, or when a DIMSE message (pynetdicom assembles it in memory) grows past ``max_instance`` bytes."""
-
-    def __init__(self, max_pdu: int, max_instance: int):
-        self.max_pdu = max_pdu
-        self.max_instance = max_instance
-        self._body_of: int | None = None  # the PDU type whose body is read next
-        self._message = 0  # bytes so far of the command or data set being assembled
-
-    def check(self, nr_bytes: int) -> Refusal | None:
-        """Before a read of nr_bytes."""
-        if self._body_of is None:
-            return None
-        limit = self.max_pdu if self._body_of == P_DATA_TF else ASSOCIATE_RQ_MAX
-        if nr_bytes <= limit:
-            return None
-        return Refusal("pdu_too_long",
-                       f"PDU type 0x{self._body_of:02X} says {nr_bytes} bytes, over the {limit} accepted")
-
-    def read(self, data: bytes) -> Refusal | None:
-        """After a read."""
-        if self._body_of is None:
-            # After a short or unknown header the DUL ends the connection without reading a body.
-            if len(data) == 6 and data[0] in _PDU_TYPES:
-                self._body_of = data[0]
-            return None
-        pdu_type, self._body_of = self._body_of, None
-        if pdu_type != P_DATA_TF:
-            return None
-        for control, length in pdv_fragments(data):
-            self._message += length
-            if self._message > self.max_instance:
-                return Refusal("instance_too_large",
-                               f"DIMSE message over receive.max_instance_bytes ({self.max_instance})")
-            if control & _LAST_FRAGMENT:
-                self._message = 0
-        return None
-
-
-# A-ABORT (PS3.8 §9.3.8): source DICOM UL service-provider, reason invalid PDU parameter value.
-_A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
-
-
-class GuardedSocket(AssociationSocket):
-    """pynetdicom's socket of one accepted connection, with a PduGuard on what its DUL reads.
-
-    DUL._read_pdu_data reads a PDU's 6-byte header, then asks recv() for as many bytes as the header's
-    length field says (up to 4 GiB) and buffers them all before anything can look at them: recv() is
-    the only place where a PDU can be refused in time. pynetdicom 3.0 creates the AssociationSocket
-    inside RequestHandler._create_association with no way to choose its class, hence the re-classing
-    in Receiver._attach.
-    """
-
-    guard: PduGuard
-    on_refused: Callable[[Association, Refusal], None]
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        refusal = self.guard.check(nr_bytes)
-        if refusal is None:
-            data = self._read(nr_bytes)
-            refusal = self.guard.read(data)
-            if refusal is None:
-                return data
-        try:
-            self.socket.sendall(_A_ABORT)
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # the peer may be gone already; the connection ends either way
-        self.on_refused(self.assoc, refusal)
-        # What recv() returns when the peer closes: the DUL takes the PDU as cut short and ends (Evt17).
-        return bytearray()
-
-    def _read(self, nr_bytes: int) -> bytearray:
-        """What AssociationSocket.recv returns (nr_bytes, fewer only when the peer closes), in reads of up
-        to _RECV_CHUNK instead of its 4 KiB ones: about 130 recv() calls less per 0.5 MB instance."""
-        data = bytearray()
-        while len(data) < nr_bytes:
-            chunk = self.socket.recv(min(nr_bytes - len(data), _RECV_CHUNK))
-            if not chunk:
-                break
-            data += chunk
-        return data
 
 
 @dataclass(eq=False)
@@ -371,72 +252,6 @@ class Admission:
                 _drop(self._callers, slot.caller)
 
 
-class TlsAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's server, but with the TLS handshake left to the connection's own thread.
-
-    pynetdicom wraps an accepted socket in get_request, in the one thread that accepts connections,
-    with a blocking handshake: one caller that connects and says nothing would stop every other from
-    being accepted. Here the socket is only wrapped; GuardedRequestHandler shakes hands under the
-    Admission and within receive.acse_timeout_s.
-    """
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        return client, address
-
-
-class GuardedRequestHandler(RequestHandler):
-    """pynetdicom's handler of one TCP connection, in a thread of its own, inside the node's Admission.
-
-    AE.make_server takes a request handler class; this is where a connection can be refused before
-    pynetdicom starts its association's threads, and the one thread that sees the connection from
-    accept to its end, so its place in the Admission is given back exactly once.
-    """
-
-    def __init__(self, request, client_address, server, *, receiver: Receiver):
-        self.receiver = receiver
-        self.assoc: Association | None = None
-        self.slot: Slot | None = None
-        super().__init__(request, client_address, server)
-
-    def handle(self) -> None:
-        slot = self.receiver.admission.connect(self.client_address[0])
-        if isinstance(slot, Refusal):
-            self.receiver._refused_at_connect(self.client_address, slot)
-            return  # socketserver closes the socket
-        self.slot = slot
-        try:
-            if isinstance(self.request, ssl.SSLSocket) and not self.receiver._handshake(self.request, slot):
-                return
-            # Bounds a read stopped inside a PDU, which pynetdicom's idle timer cannot interrupt.
-            self.request.settimeout(self.receiver.settings.network_timeout_s)
-            super().handle()  # creates the association (below) and starts its threads
-            self.receiver._await_request(self.assoc, slot, self.request)
-            self.assoc.join()
-        finally:
-            self.receiver._release(self.assoc, slot)
-
-    def _create_association(self) -> Association:
-        self.assoc = super()._create_association()
-        self.receiver._attach(self.assoc, self.slot)
-        return self.assoc
-
-
-def overlong_uid(command: Dataset) -> tuple[str, int] | None:
-    """(keyword, length) of the first UID in a DIMSE command set longer than DICOM's 64 characters."""
-    for elem in command:
-        if elem.VR == "UI" and len(str(elem.value or "")) > _UID_MAX:
-            return elem.keyword, len(str(elem.value))
-    return None
-
-
-def rejection_reason(rj: A_ASSOCIATE) -> str:
-    """pynetdicom's own A-ASSOCIATE-RJ as one line, e.g. "rejected transient: local limit exceeded"."""
-    return f"{rj.result_str}: {rj.reason_str}".lower()
-
-
 def is_allowed(allowed: tuple[AllowedPeer, ...], ae_title: str, host: str) -> bool:
     """The allow-list rule: empty list admits everyone; else AE title must match and host too, if given."""
     if not allowed:
@@ -487,8 +302,8 @@ def _even(value: str, pad: bytes) -> bytes:
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
     """Preamble, "DICM" and File Meta Information (PS3.10 7.1) for a received data set: the bytes
-    pynetdicom's ``Event.encoded_dataset()`` puts in front, written directly instead of through a
-    pydicom Dataset, which cost about a fifth of the receiver's CPU per instance."""
+    pynetdicom's ``Event.encoded_dataset()`` puts in front (pinned by a test), written directly
+    instead of through a pydicom Dataset, which cost about a fifth of the receiver's CPU per instance."""
     body = b"".join((
         _meta_element(0x0001, b"OB", b"\x00\x01"),
         _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\0")),
@@ -532,15 +347,8 @@ def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], Ver
     return Inspected(series_uid, sop_uid, verdict)
 
 
-def status_dataset(status: StoreFailure, comment: str) -> Dataset:
-    rsp = Dataset()
-    rsp.Status = status
-    rsp.ErrorComment = comment[:_ERROR_COMMENT_MAX]
-    return rsp
-
-
 class Receiver:
-    """The SCP. ``start()`` listens in background threads; ``stop()`` closes the port."""
+    """The SCP. ``start()`` listens in a background thread, one more per connection; ``stop()`` closes the port."""
 
     def __init__(
         self,
@@ -555,69 +363,109 @@ class Receiver:
         self.queue = queue
         self.classify = classify
         self.metrics = metrics
-        self._server = None
         self.admission = Admission(settings)
-        self._audits: dict[Association, AssociationAudit] = {}
-        self._slots: dict[Association, Slot] = {}
-        self._audits_lock = threading.Lock()
-        self._handlers: frozenset[Callable] = frozenset()  # the event handlers start() binds
+        association = settings.association
+        self.limits = Limits(association.max_pdu, settings.max_instance_bytes, association.acse_timeout_s,
+                             association.network_timeout_s)
+        self._listener: socket.socket | None = None
         # Built here, so that an unusable certificate or key stops the node at start (ConfigError).
         self._ssl_context = server_context(settings.tls) if settings.tls else None
 
-    def _make_ae(self) -> AE:
-        s = self.settings
-        ae = configure_ae(s.association)
-        # The Admission decides; pynetdicom's own count (every acceptor thread alive, let in or not)
-        # cannot exceed this, so its limit never refuses an allowed caller.
-        ae.maximum_associations = s.max_associations + s.max_pending_connections
-        # _await_request cuts a slow A-ASSOCIATE-RQ at acse_timeout_s; pynetdicom's own ARTIM a second
-        # later is only a backstop (it is checked between reads, not during one).
-        ae.acse_timeout = s.acse_timeout_s + _ARTIM_GRACE_S
-        ae.add_supported_context(Verification)
-        ae.add_supported_context(CTImageStorage, list(TRANSFER_SYNTAXES))
-        return ae
-
     def start(self) -> None:
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._on_connection),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_RELEASED, lambda event: self._ended(event.assoc, "released")),
-            (evt.EVT_ABORTED, lambda event: self._ended(event.assoc, "aborted")),
-            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
-            (evt.EVT_DIMSE_RECV, self._on_dimse),
-            (evt.EVT_C_ECHO, lambda event: Status.SUCCESS),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
-        self._handlers = frozenset(handler for _, handler in handlers)
-        ae = self._make_ae()
-        server = ae.make_server(
-            (self.settings.host, self.settings.port), evt_handlers=handlers, server_class=TlsAssociationServer,
-            ssl_context=self._ssl_context,
-            request_handler=functools.partial(GuardedRequestHandler, receiver=self),
-        )
-        # Each handler thread lives as long as its connection: stop() must not wait for them.
-        server.daemon_threads = True
-        # As AE.start_server(block=False) does, which cannot take a request handler; shutdown() removes it.
-        ae._servers.append(server)
-        threading.Thread(target=make_target(server.serve_forever), name="ldct-receiver", daemon=True).start()
-        self._server = server
+        self._listener = socket.create_server((self.settings.host, self.settings.port), backlog=_BACKLOG)
+        threading.Thread(target=self._accept, args=(self._listener,), name="ldct-receiver", daemon=True).start()
         log.info("receiver listening", ae_title=self.settings.ae_title, host=self.settings.host, port=self.port,
                  tls=self.settings.tls is not None,
                  client_certificates=self.settings.tls is not None and self.settings.tls.ca_file is not None)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        """Close the port; associations under way finish in their own threads."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the listening thread
+            except OSError:
+                pass
+            listener.close()
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server else self.settings.port
+        return self._listener.getsockname()[1] if self._listener else self.settings.port
 
     @property
     def is_running(self) -> bool:
-        return self._server is not None and self._server.socket is not None and self._server.socket.fileno() >= 0
+        return self._listener is not None and self._listener.fileno() >= 0
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                sock, address = listener.accept()
+            except OSError as exc:
+                if self._listener is not listener:
+                    return  # stopped
+                # Out of file descriptors or memory: the caller's TCP stack retries; we must not spin.
+                log.warning("cannot accept a connection", error=str(exc))
+                time.sleep(_ACCEPT_RETRY_S)
+                continue
+            # Each connection's thread lives as long as it: stop() must not wait for them.
+            threading.Thread(target=self._connection, args=(sock, address), name="ldct-association",
+                             daemon=True).start()
+
+    def _connection(self, sock: socket.socket, address: tuple) -> None:
+        """One TCP connection, from accept to close, inside the Admission."""
+        slot = self.admission.connect(address[0])
+        try:
+            if isinstance(slot, Refusal):
+                log.warning("connection refused", reason=slot.reason, address=address[0], port=address[1])
+                self._count(slot.label)
+                return
+            try:
+                self._associate(sock, address, slot)
+            finally:
+                self.admission.disconnect(slot)
+        finally:
+            sock.close()
+
+    def _associate(self, sock: socket.socket, address: tuple, slot: Slot) -> None:
+        if self.settings.tcp_nodelay:
+            # Each C-STORE response is a small segment that Nagle's algorithm would hold back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._ssl_context is not None:
+            sock = self._ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            if not self._handshake(sock, slot):
+                return
+        audit = AssociationAudit(address[0], address[1], time.monotonic())
+        ended = Acceptor(sock, self.limits, SUPPORTED, Association(self, slot, audit)).serve()
+        if audit.calling_ae is None:
+            return  # no association was asked for (a port probe): no audit line
+        audit.ended = ended
+        (log.info if audit.refused is None else log.warning)("association ended", **audit.fields(time.monotonic()))
+
+    def _count(self, label: str) -> None:
+        if self.metrics:
+            self.metrics.connections_refused.labels(label).inc()
+
+    def _handshake(self, sock: ssl.SSLSocket, slot: Slot) -> bool:
+        """The TLS handshake of a new connection, within receive.acse_timeout_s; False: refused, logged, counted."""
+        sock.settimeout(self.settings.acse_timeout_s)
+        try:
+            sock.do_handshake()
+            return True
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__  # e.g. CERTIFICATE_VERIFY_FAILED, TimeoutError
+            refusal = Refusal("tls_handshake", f"TLS handshake failed: {reason}")
+        log.warning("connection refused", reason=refusal.reason, address=slot.address)
+        self._count(refusal.label)
+        return False
+
+    def association_refusal(self, slot: Slot, calling: str, called: str) -> tuple[Refusal, tuple] | None:
+        """Why not to let this A-ASSOCIATE-RQ in, with its A-ASSOCIATE-RJ (result, source, reason); None: let in."""
+        if called != self.settings.ae_title.strip():
+            return Refusal("called_ae_title", "called AE title is not receive.ae_title"), _REJECT_CALLED_AE
+        if not is_allowed(self.settings.allowed, calling, slot.address):
+            return Refusal("calling_ae_title", "calling AE title not on receive.allowed"), _REJECT_CALLING_AE
+        refusal = self.admission.admit(slot, calling)
+        return None if refusal is None else (refusal, _REJECT_LIMIT)
 
     def store(self, found: Inspected, staged: Staged) -> None:
         """Put the staged instance in its place and record it: after this returns it is safe to answer success."""
@@ -634,179 +482,75 @@ class Receiver:
                 # The file is safe in the spool and is re-indexed at the next start; the sender retries.
                 raise Refused(StoreFailure.OUT_OF_RESOURCES, f"queue database unavailable: {exc}") from None
 
-    def _audit(self, assoc: Association) -> AssociationAudit | None:
-        with self._audits_lock:
-            return self._audits.get(assoc)
-
-    def _on_connection(self, event) -> None:
-        if self.settings.tcp_nodelay:
-            disable_nagle(event)
-        host, port = event.address
-        with self._audits_lock:
-            self._audits[event.assoc] = AssociationAudit(host, port, time.monotonic())
-
-    def _count(self, label: str) -> None:
-        if self.metrics:
-            self.metrics.connections_refused.labels(label).inc()
-
-    def _attach(self, assoc: Association, slot: Slot) -> None:
-        """Put a new association's socket under a PduGuard, leave it only the node's own event handlers
-        on pynetdicom's logging events and remember its place in the Admission."""
-        sock = assoc.dul.socket
-        sock.__class__ = GuardedSocket  # see GuardedSocket: pynetdicom has no hook for the class
-        sock.guard = PduGuard(self.settings.max_pdu, self.settings.max_instance_bytes)
-        sock.on_refused = self._pdu_refused
-        for event in _PYNETDICOM_LOGGING_EVENTS:
-            for handler, _ in list(assoc.get_handlers(event)):
-                if handler not in self._handlers:
-                    assoc.unbind(event, handler)
-        with self._audits_lock:
-            self._slots[assoc] = slot
-
-    def _release(self, assoc: Association | None, slot: Slot) -> None:
-        self.admission.disconnect(slot)
-        with self._audits_lock:
-            self._slots.pop(assoc, None)
-
-    def _handshake(self, sock: ssl.SSLSocket, slot: Slot) -> bool:
-        """The TLS handshake of a new connection, within receive.acse_timeout_s; False: refused, logged, counted."""
-        sock.settimeout(self.settings.acse_timeout_s)
+    def take(self, request: Stored) -> str:
+        """Inspect and spool one C-STORE's instance; its outcome for the audit ("stored", "ignored"), or
+        Refused with the failure status and reason."""
+        if not self.spool.has_room():
+            raise Refused(StoreFailure.OUT_OF_RESOURCES, f"spool has less than {self.spool.min_free_bytes} bytes free")
+        raw = part10_header(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax) + request.data_set
+        # Written before it is parsed, so that the disk writes it back while inspect (about 1.2 ms of
+        # CPU) runs: about 0.7 ms less per instance. What inspect refuses or ignores is discarded and
+        # answered as before, as if never written.
+        staged = self.spool.stage(raw)
         try:
-            sock.do_handshake()
-            return True
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or type(exc).__name__  # e.g. CERTIFICATE_VERIFY_FAILED, TimeoutError
-            refusal = Refusal("tls_handshake", f"TLS handshake failed: {reason}")
-        log.warning("connection refused", reason=refusal.reason, address=slot.address)
-        self._count(refusal.label)
-        return False
-
-    def _refused_at_connect(self, address: tuple, refusal: Refusal) -> None:
-        log.warning("connection refused", reason=refusal.reason, address=address[0], port=address[1])
-        self._count(refusal.label)
-
-    def _await_request(self, assoc: Association, slot: Slot, sock: socket.socket) -> None:
-        """The negotiation deadline, kept from outside the DUL: pynetdicom checks its ARTIM timer only
-        between reads, so an A-ASSOCIATE-RQ stopped or trickling inside its PDU would hold the
-        connection (and pynetdicom's association count) for ever."""
-        if slot.requested.wait(self.settings.acse_timeout_s):
-            return
-        if self._audit(assoc) is None:  # EVT_CONN_CLOSE came first: the peer left (a port probe)
-            return
-        refusal = Refusal("negotiation_timeout", f"no A-ASSOCIATE-RQ within receive.acse_timeout_s "
-                                                 f"({self.settings.acse_timeout_s} s)")
-        log.warning("connection closed", reason=refusal.reason, address=slot.address)
-        self._count(refusal.label)
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes the DUL's recv(), which then ends the connection
-        except OSError:
-            pass
-
-    def _pdu_refused(self, assoc: Association, refusal: Refusal) -> None:
-        audit = self._audit(assoc)
-        log.warning("connection aborted", reason=refusal.reason, address=assoc.requestor.address,
-                    calling_ae=audit.calling_ae if audit else None)
-        self._count(refusal.label)
-
-    def _association_refusal(self, slot: Slot, calling: str, called: str) -> tuple[Refusal, tuple] | None:
-        """Why not to let this A-ASSOCIATE-RQ in, with its A-ASSOCIATE-RJ (result, source, reason); None: let in."""
-        if called != self.settings.ae_title.strip():
-            return Refusal("called_ae_title", "called AE title is not receive.ae_title"), _REJECT_CALLED_AE
-        if not is_allowed(self.settings.allowed, calling, slot.address):
-            return Refusal("calling_ae_title", "calling AE title not on receive.allowed"), _REJECT_CALLING_AE
-        refusal = self.admission.admit(slot, calling)
-        return None if refusal is None else (refusal, _REJECT_LIMIT)
-
-    def _on_requested(self, event) -> None:
-        primitive = event.assoc.requestor.primitive
-        audit = self._audit(event.assoc)
-        audit.calling_ae, audit.called_ae = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()
-        with self._audits_lock:
-            slot = self._slots[event.assoc]
-        slot.requested.set()
-        refused = self._association_refusal(slot, audit.calling_ae, audit.called_ae)
-        if refused is not None:
-            refusal, rj = refused
-            audit.refused = refusal.reason
-            self._count(refusal.label)
-            event.assoc.acse.send_reject(*rj)
-            # As pynetdicom's own rejections do: wait until the DUL has sent the A-ASSOCIATE-RJ,
-            # otherwise the socket is closed under it and the caller only sees an abort.
-            event.assoc.kill()
-
-    def _on_dimse(self, event) -> None:
-        # pynetdicom aborts such a request in its DUL thread and logs only to its own (silent) logger.
-        found = overlong_uid(event.message.command_set)
-        if found is not None:
-            audit = self._audit(event.assoc)
-            log.warning("request refused", reason=f"UID over {_UID_MAX} characters: the association is aborted",
-                        element=found[0], length=found[1], address=event.assoc.requestor.address,
-                        calling_ae=audit.calling_ae if audit else None)
-            self._count("uid_too_long")
-
-    def _on_accepted(self, event) -> None:
-        if not event.assoc.accepted_contexts:
-            # pynetdicom answers A-ASSOCIATE-AC with every context rejected, then aborts: refused in effect.
-            self._audit(event.assoc).refused = "no presentation context accepted (SOP class or transfer syntax)"
-
-    def _ended(self, assoc: Association, how: str) -> None:
-        audit = self._audit(assoc)
-        if audit is not None:  # a peer's abort can reach the association after its connection closed
-            audit.ended = how
-
-    def _on_connection_closed(self, event) -> None:
-        with self._audits_lock:
-            audit = self._audits.pop(event.assoc, None)
-        if audit is None or audit.calling_ae is None:
-            return
-        # The connection closes in the DUL's thread, which can run ahead of the association's thread
-        # and so fire before its EVT_REJECTED / EVT_ABORTED: hence the A-ASSOCIATE-RJ pynetdicom stores
-        # before sending it, and a peer's A-ABORT still queued for the association's thread.
-        answer = event.assoc.acceptor.primitive
-        if audit.refused is None and answer is not None and answer.result != ACCEPTED:
-            audit.refused = rejection_reason(answer)
-        if audit.ended is None and event.assoc.acse.is_aborted():
-            audit.ended = "aborted"
-        (log.info if audit.refused is None else log.warning)("association ended", **audit.fields(time.monotonic()))
-
-    def _on_store(self, event):
-        calling = event.assoc.requestor.ae_title.strip()
-        affected = str(event.request.AffectedSOPInstanceUID)
-        audit = self._audit(event.assoc)
-        # A peer that aborts just after sending leaves its last C-STORE to be handled after the audit line.
-        counted = audit.instances if audit is not None else Counter()
-        try:
-            if not self.spool.has_room():
-                raise Refused(StoreFailure.OUT_OF_RESOURCES,
-                              f"spool has less than {self.spool.min_free_bytes} bytes free")
-            header = part10_header(str(event.request.AffectedSOPClassUID), affected, str(event.context.transfer_syntax))
-            raw = header + event.encoded_dataset(include_meta=False)
-            # Written before it is parsed, so that the disk writes it back while inspect (about 1.2 ms of
-            # CPU) runs: about 0.7 ms less per instance. What inspect refuses or ignores is discarded and
-            # answered as before, as if never written.
-            staged = self.spool.stage(raw)
-            try:
-                found = inspect(raw, affected, self.classify)
-                if found.ignored is None:
-                    self.store(found, staged)
-            finally:
-                self.spool.discard(staged)
-            if found.ignored is not None:
-                log.info("instance ignored", reason=found.ignored.reason, calling_ae=calling,
-                         series_uid=found.series_uid, sop_uid=found.sop_uid)
-                counted["ignored"] += 1
-                if self.metrics:
-                    self.metrics.ignored.labels(found.ignored.label).inc()
-                return Status.SUCCESS
-        except Refused as exc:
-            log.warning("instance refused", status=f"0x{exc.status:04X}", reason=exc.reason, calling_ae=calling,
-                        sop_uid=affected)
-            counted["refused"] += 1
+            found = inspect(raw, request.sop_instance_uid, self.classify)
+            if found.ignored is None:
+                self.store(found, staged)
+        finally:
+            self.spool.discard(staged)
+        if found.ignored is not None:
+            log.info("instance ignored", reason=found.ignored.reason, calling_ae=request.calling_ae,
+                     series_uid=found.series_uid, sop_uid=found.sop_uid)
             if self.metrics:
-                self.metrics.refused.labels(f"0x{exc.status:04X}").inc()
-            return status_dataset(exc.status, exc.reason)
-        counted["stored"] += 1
+                self.metrics.ignored.labels(found.ignored.label).inc()
+            return "ignored"
         if self.metrics:
             self.metrics.received.inc()
-        return Status.SUCCESS
+        return "stored"
 
+
+class Association:
+    """The receiver's decisions for one connection's association (acceptor.Policy), with its audit."""
+
+    def __init__(self, receiver: Receiver, slot: Slot, audit: AssociationAudit):
+        self.receiver = receiver
+        self.slot = slot
+        self.audit = audit
+
+    def requested(self, calling_ae: str, called_ae: str) -> tuple[int, int, int] | None:
+        self.audit.calling_ae, self.audit.called_ae = calling_ae, called_ae
+        refused = self.receiver.association_refusal(self.slot, calling_ae, called_ae)
+        if refused is None:
+            return None
+        refusal, rejection = refused
+        self.audit.refused = refusal.reason
+        self.receiver._count(refusal.label)
+        return rejection
+
+    def no_context(self) -> None:
+        self.audit.refused = "no presentation context accepted (SOP class or transfer syntax)"
+
+    def refused(self, refusal: Refusal, **fields) -> None:
+        event = {"negotiation_timeout": "connection closed", "uid_too_long": "request refused"}.get(
+            refusal.label, "connection aborted")
+        log.warning(event, reason=refusal.reason, address=self.slot.address, calling_ae=self.audit.calling_ae,
+                    **fields)
+        self.receiver._count(refusal.label)
+
+    def store(self, request: Stored) -> tuple[int, str | None]:
+        try:
+            outcome = self.receiver.take(request)
+        except Refused as exc:
+            log.warning("instance refused", status=f"0x{exc.status:04X}", reason=exc.reason,
+                        calling_ae=request.calling_ae, sop_uid=request.sop_instance_uid)
+            self.audit.instances["refused"] += 1
+            if self.receiver.metrics:
+                self.receiver.metrics.refused.labels(f"0x{exc.status:04X}").inc()
+            return exc.status, exc.reason
+        except Exception as exc:  # noqa: BLE001 - a fault of ours must cost one instance, not the association
+            log.error("instance not stored", reason=f"{type(exc).__name__}: {exc}", calling_ae=request.calling_ae,
+                      sop_uid=request.sop_instance_uid)
+            self.audit.instances["refused"] += 1
+            return PROCESSING_FAILURE, "the node could not store the instance"
+        self.audit.instances[outcome] += 1
+        return SUCCESS, None

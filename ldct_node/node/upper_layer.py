@@ -102,6 +102,14 @@ class PeerGone(Exception):
     """The other end aborted or closed the connection, or did not send in time."""
 
 
+class PeerClosed(PeerGone):
+    """The other end closed the connection."""
+
+
+class TimedOut(PeerGone):
+    """Nothing (or not all) arrived in time."""
+
+
 def read_exactly(sock: socket.socket, count: int, deadline: float | None = None) -> bytearray:
     """count bytes; PeerGone when the connection closes first. deadline (time.monotonic()): the
     whole read must finish by then, however slowly the bytes trickle in."""
@@ -116,10 +124,10 @@ def read_exactly(sock: socket.socket, count: int, deadline: float | None = None)
                 sock.settimeout(left)
             n = sock.recv_into(view[got:])
             if n == 0:
-                raise PeerGone("the connection was closed")
+                raise PeerClosed("the connection was closed")
             got += n
     except TimeoutError:
-        raise PeerGone("nothing arrived in time") from None
+        raise TimedOut("nothing arrived in time") from None
     return buffer
 
 

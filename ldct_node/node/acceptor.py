@@ -1,0 +1,356 @@
+"""The receiver's association acceptor: one TCP connection, from its A-ASSOCIATE-RQ to its end, in
+the connection's own thread on a blocking socket.
+
+pynetdicom's acceptor runs two threads per association that poll with 1 ms sleeps and hand every
+PDU between them; with it the node received about 0.2x what DCMTK's storescp does. Here each PDU is
+read whole (under the limits below) and each C-STORE answered before the next PDU is read. The
+A-ASSOCIATE-RQ is decoded, the presentation contexts negotiated (SCP/SCU role selection included)
+and the A-ASSOCIATE-AC or -RJ encoded by pynetdicom's own PDU classes and negotiation function; the
+policy (who may associate, what a stored instance becomes) is the caller's ``Policy``.
+
+Protocol rules kept here (PS3.8 9, PS3.7 9.1):
+
+- The A-ASSOCIATE-RQ must be complete within ``acse_timeout_s`` of connecting, however slowly it
+  trickles; it and any PDU but P-DATA-TF may not exceed ASSOCIATE_RQ_MAX, a P-DATA-TF not the
+  ``max_pdu`` we offered, and one DIMSE message not ``max_instance`` bytes: each is refused after the
+  6-byte header (or the fragment) that shows it, with an A-ABORT, before more is read.
+- A connection silent for ``network_timeout_s`` (between PDUs or inside one) is dropped.
+- PDVs of a context that was not accepted, broken PDV items and PDUs out of place are answered with
+  an A-ABORT (source service-provider). A command with a UID over 64 characters is aborted too
+  (as pynetdicom does); a command other than C-STORE or C-ECHO is answered 0x0211 (unrecognised
+  operation).
+- With no presentation context acceptable the A-ASSOCIATE-AC says so for each and the association
+  is then aborted, as pynetdicom did.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from ldct_node.node.upper_layer import (
+    ABORT,
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    ASSOCIATE_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    COMMAND,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    ERROR_COMMENT,
+    LAST,
+    MESSAGE_ID,
+    NO_DATA_SET,
+    P_DATA_TF,
+    PDU_HEADER,
+    RELEASE_RP_PDU,
+    RELEASE_RQ,
+    RESPONDED_TO,
+    STATUS,
+    PeerClosed,
+    PeerGone,
+    TimedOut,
+    abort_pdu,
+    command_elements,
+    command_set,
+    element,
+    p_data_tf,
+    pdv_items,
+    read_exactly,
+    read_header,
+    text_of,
+    us,
+    us_of,
+)
+
+# Largest A-ASSOCIATE-RQ (or release / abort PDU) read: 128 presentation contexts, each with ten
+# 64-character transfer syntaxes, plus user identity, stay under 128 KiB.
+ASSOCIATE_RQ_MAX = 256 * 1024
+UID_MAX = 64
+ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+UNRECOGNISED_OPERATION = 0x0211
+# A-ABORT from the service-provider (PS3.8 9.3.8): unexpected PDU, invalid PDU parameter value.
+_PROVIDER, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x02, 0x02, 0x06
+
+
+class Refusal(NamedTuple):
+    """Why the node refuses or cuts a connection: the metric's label and a one-line reason."""
+
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pdu: int  # the largest P-DATA-TF we offer and accept
+    max_instance: int  # the largest DIMSE message (command or data set)
+    acse_timeout_s: float
+    network_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A C-STORE request with its data set as it arrived."""
+
+    calling_ae: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    data_set: bytes
+
+
+class Policy(Protocol):
+    """What the receiver decides; the acceptor does the protocol."""
+
+    def requested(self, calling_ae: str, called_ae: str) -> tuple[int, int, int] | None:
+        """None to go on negotiating, or the A-ASSOCIATE-RJ (result, source, reason) to answer."""
+
+    def no_context(self) -> None:
+        """Every presentation context was refused: the association is aborted after the AC."""
+
+    def refused(self, refusal: Refusal, **fields) -> None:
+        """A connection cut for a limit or a protocol fault (logged and counted by the receiver)."""
+
+    def store(self, request: Stored) -> tuple[int, str | None]:
+        """The C-STORE status and ErrorComment (None: none) for an instance."""
+
+
+def overlong_uid(found: dict[int, bytes]) -> tuple[str, int] | None:
+    """(keyword, length) of the first UID of a command set longer than DICOM's 64 characters."""
+    for number, keyword in ((AFFECTED_SOP_CLASS, "AffectedSOPClassUID"),
+                            (AFFECTED_SOP_INSTANCE, "AffectedSOPInstanceUID")):
+        length = len(text_of(found.get(number, b"")))
+        if length > UID_MAX:
+            return keyword, length
+    return None
+
+
+def response(field: int, message_id: int, status: int, sop_class: bytes | None = None,
+             sop_instance: bytes | None = None, comment: str | None = None) -> bytes:
+    """A C-xxx-RSP command set (PS3.7 9.3.1.2, 9.3.5.2) answering message_id with status."""
+    parts = []
+    if sop_class is not None:
+        parts.append(element(AFFECTED_SOP_CLASS, sop_class))
+    parts += [element(COMMAND_FIELD, us(field | 0x8000)), element(RESPONDED_TO, us(message_id)),
+              element(DATA_SET_TYPE, us(NO_DATA_SET)), element(STATUS, us(status))]
+    if comment:
+        text = comment[:ERROR_COMMENT_MAX].encode("ascii", "replace")
+        parts.append(element(ERROR_COMMENT, text + b" " if len(text) % 2 else text))
+    if sop_instance is not None:
+        parts.append(element(AFFECTED_SOP_INSTANCE, sop_instance))
+    return command_set(*parts)
+
+
+def supported_contexts(supported: dict[str, tuple[str, ...]]) -> list[PresentationContext]:
+    contexts = []
+    for abstract, syntaxes in supported.items():
+        context = PresentationContext()
+        context.abstract_syntax = abstract
+        context.transfer_syntax = list(syntaxes)
+        contexts.append(context)
+    return contexts
+
+
+def accept_pdu(request: A_ASSOCIATE, results: list[PresentationContext], roles: list, max_pdu: int) -> bytes:
+    answer = A_ASSOCIATE()
+    answer.application_context_name = request.application_context_name
+    answer.calling_ae_title = request.calling_ae_title
+    answer.called_ae_title = request.called_ae_title
+    answer.result = 0x00
+    answer.presentation_context_definition_results_list = results
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    answer.user_information = [max_length, implementation, version, *roles]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(answer)
+    return pdu.encode()
+
+
+def reject_pdu(result: int, source: int, reason: int) -> bytes:
+    answer = A_ASSOCIATE()
+    answer.result, answer.result_source, answer.diagnostic = result, source, reason
+    pdu = A_ASSOCIATE_RJ()
+    pdu.from_primitive(answer)
+    return pdu.encode()
+
+
+class Acceptor:
+    """One connection's association. serve() returns how it ended: "released", "aborted" or None
+    (the connection closed or went silent); it never raises for what the peer does."""
+
+    def __init__(self, sock: socket.socket, limits: Limits, supported: dict[str, tuple[str, ...]], policy: Policy):
+        self.sock = sock
+        self.limits = limits
+        self.supported = supported
+        self.policy = policy
+        self.requested = False  # an A-ASSOCIATE-RQ arrived
+        self.calling_ae = ""
+        self._contexts: dict[int, str] = {}  # accepted context ID -> transfer syntax
+        self._ended: str | None = None  # how negotiation ended when it did not lead to an association
+
+    def serve(self) -> str | None:
+        try:
+            if not self._associate():
+                return self._ended
+            self.sock.settimeout(self.limits.network_timeout_s)
+            return self._exchange()
+        except (PeerGone, OSError, ssl.SSLError):
+            return None
+
+    def _abort(self, source: int = 0, reason: int = 0) -> None:
+        try:
+            self.sock.sendall(abort_pdu(source, reason))
+        except (OSError, ssl.SSLError):
+            pass  # the peer may be gone already; the connection ends either way
+
+    def _too_long(self, pdu_type: int, length: int, limit: int) -> None:
+        self._abort(_PROVIDER, _INVALID_PARAMETER)
+        self.policy.refused(Refusal("pdu_too_long", f"PDU type 0x{pdu_type:02X} says {length} bytes, over the "
+                                                    f"{limit} accepted"))
+
+    def _associate(self) -> bool:
+        """Negotiate; True once an A-ASSOCIATE-AC with an accepted context went out."""
+        deadline = time.monotonic() + self.limits.acse_timeout_s
+        try:
+            pdu_type, length = read_header(self.sock, deadline)
+        except PeerClosed:
+            return False  # a port probe: no association was asked for
+        except TimedOut:
+            self._timed_out()
+            return False
+        if pdu_type != ASSOCIATE_RQ:
+            self._abort(_PROVIDER, _UNEXPECTED_PDU)
+            return False
+        if length > ASSOCIATE_RQ_MAX:
+            self._too_long(pdu_type, length, ASSOCIATE_RQ_MAX)
+            return False
+        try:
+            body = read_exactly(self.sock, length, deadline)
+        except PeerClosed:
+            return False
+        except TimedOut:
+            self._timed_out()
+            return False
+        pdu = A_ASSOCIATE_RQ()
+        try:
+            pdu.decode(PDU_HEADER.pack(pdu_type, length) + bytes(body))
+            request = pdu.to_primitive()
+        except Exception:  # noqa: BLE001 - pynetdicom raises many types for a malformed PDU
+            self._abort(_PROVIDER, _INVALID_PARAMETER)
+            return False
+        self.requested = True
+        self.calling_ae = request.calling_ae_title.strip()
+        rejection = self.policy.requested(self.calling_ae, request.called_ae_title.strip())
+        if rejection is not None:
+            self.sock.sendall(reject_pdu(*rejection))
+            return False
+        roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in request.user_information
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+        results, reply_roles = negotiate_as_acceptor(request.presentation_context_definition_list,
+                                                     supported_contexts(self.supported), roles)
+        self._contexts = {cx.context_id: str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00}
+        self.sock.sendall(accept_pdu(request, results, reply_roles, self.limits.max_pdu))
+        if not self._contexts:
+            self.policy.no_context()
+            self._abort()
+            self._ended = "aborted"
+            return False
+        return True
+
+    def _timed_out(self) -> None:
+        self.policy.refused(Refusal("negotiation_timeout", "no A-ASSOCIATE-RQ within receive.acse_timeout_s "
+                                                           f"({self.limits.acse_timeout_s} s)"))
+
+    def _exchange(self) -> str | None:
+        command, data, context_id = bytearray(), bytearray(), None
+        header: dict[int, bytes] | None = None  # the command set of the message whose data set is arriving
+        while True:
+            try:
+                pdu_type, length = read_header(self.sock)
+            except PeerGone:
+                return None
+            if pdu_type == P_DATA_TF:
+                limit = self.limits.max_pdu
+            else:
+                limit = ASSOCIATE_RQ_MAX
+            if length > limit:
+                self._too_long(pdu_type, length, limit)
+                return "aborted"
+            body = read_exactly(self.sock, length)
+            if pdu_type == RELEASE_RQ:
+                self.sock.sendall(RELEASE_RP_PDU)
+                return "released"
+            if pdu_type == ABORT:
+                return "aborted"
+            if pdu_type != P_DATA_TF:
+                self._abort(_PROVIDER, _UNEXPECTED_PDU)
+                return "aborted"
+            try:
+                items = pdv_items(body)
+            except ValueError:
+                self._abort(_PROVIDER, _INVALID_PARAMETER)
+                return "aborted"
+            for item_context, control, value in items:
+                if item_context not in self._contexts or (context_id is not None and item_context != context_id):
+                    self._abort(_PROVIDER, _INVALID_PARAMETER)
+                    return "aborted"
+                context_id = item_context
+                part = command if control & COMMAND else data
+                part += value
+                if len(part) > self.limits.max_instance:
+                    self._abort(_PROVIDER, _INVALID_PARAMETER)
+                    self.policy.refused(Refusal("instance_too_large", "DIMSE message over receive.max_instance_bytes "
+                                                                      f"({self.limits.max_instance})"))
+                    return "aborted"
+                if not control & LAST:
+                    continue
+                if control & COMMAND:
+                    header = command_elements(bytes(command))
+                    command.clear()
+                    found = overlong_uid(header)
+                    if found is not None:
+                        self._abort(_PROVIDER, _INVALID_PARAMETER)
+                        self.policy.refused(Refusal("uid_too_long", f"UID over {UID_MAX} characters: the association"
+                                                                    " is aborted"), element=found[0], length=found[1])
+                        return "aborted"
+                    if us_of(header, DATA_SET_TYPE, NO_DATA_SET) != NO_DATA_SET:
+                        continue  # its data set follows
+                    data.clear()
+                if header is None:
+                    self._abort(_PROVIDER, _UNEXPECTED_PDU)  # a data set before its command
+                    return "aborted"
+                self._answer(context_id, header, bytes(data))
+                header, context_id = None, None
+                data.clear()
+
+    def _answer(self, context_id: int, header: dict[int, bytes], data_set: bytes) -> None:
+        field, message_id = us_of(header, COMMAND_FIELD), us_of(header, MESSAGE_ID)
+        sop_class, sop_instance = header.get(AFFECTED_SOP_CLASS), header.get(AFFECTED_SOP_INSTANCE)
+        if field == C_ECHO_RQ:
+            answer = response(field, message_id, 0x0000, sop_class)
+        elif field == C_STORE_RQ and sop_class is not None and sop_instance is not None:
+            status, comment = self.policy.store(Stored(self.calling_ae, text_of(sop_class), text_of(sop_instance),
+                                                       self._contexts[context_id], data_set))
+            answer = response(field, message_id, status, sop_class, sop_instance, comment)
+        else:
+            answer = response(field, message_id, UNRECOGNISED_OPERATION, sop_class, sop_instance)
+        self.sock.sendall(p_data_tf(context_id, COMMAND | LAST, answer))

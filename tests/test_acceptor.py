@@ -1,0 +1,56 @@
+"""The receiver's acceptor: the PDUs and command sets it writes read back as DICOM says (through
+pydicom and pynetdicom). Its behaviour towards callers is tested through the receiver
+(test_receive, test_receive_limits, test_tls, test_node_peers)."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pydicom
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+from ldct_node.node.acceptor import ERROR_COMMENT_MAX, accept_pdu, overlong_uid, reject_pdu, response
+from ldct_node.node.upper_layer import AFFECTED_SOP_CLASS, AFFECTED_SOP_INSTANCE, C_STORE_RQ, uid_value
+
+
+def decoded(command: bytes) -> pydicom.Dataset:
+    return pydicom.filereader.read_dataset(BytesIO(command), is_implicit_VR=True, is_little_endian=True)
+
+
+def test_a_c_store_response_carries_status_uids_and_an_even_error_comment():
+    ds = decoded(response(C_STORE_RQ, 9, 0xA900, uid_value(CTImageStorage), uid_value("1.2.3"), "odd"))
+    assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.CommandDataSetType, ds.Status) == (0x8001, 9, 0x0101, 0xA900)
+    assert (ds.AffectedSOPClassUID, ds.AffectedSOPInstanceUID, ds.ErrorComment) == (CTImageStorage, "1.2.3", "odd")
+    assert ds.CommandGroupLength == len(response(C_STORE_RQ, 9, 0xA900, uid_value(CTImageStorage),
+                                                 uid_value("1.2.3"), "odd")) - 12
+
+
+def test_an_error_comment_is_cut_to_what_lo_holds():
+    ds = decoded(response(C_STORE_RQ, 1, 0xC000, comment="x" * 100))
+    assert ds.ErrorComment == "x" * ERROR_COMMENT_MAX
+
+
+def test_a_uid_over_64_characters_is_named():
+    assert overlong_uid({AFFECTED_SOP_INSTANCE: uid_value("1." + "2" * 70)}) == ("AffectedSOPInstanceUID", 72)
+    assert overlong_uid({AFFECTED_SOP_CLASS: uid_value(CTImageStorage)}) is None
+
+
+def test_the_associate_answers_decode_in_pynetdicom():
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title, request.called_ae_title = "SCANNER", "LDCT_NODE"
+    accepted, refused = build_context(CTImageStorage, "1.2.840.10008.1.2.1"), build_context(MRImageStorage)
+    accepted.context_id, accepted.result, refused.context_id, refused.result = 1, 0x00, 3, 0x03
+    ac = A_ASSOCIATE_AC()
+    ac.decode(accept_pdu(request, [accepted, refused], [], 65536))
+    answer = ac.to_primitive()
+    assert answer.maximum_length_received == 65536
+    assert [(c.context_id, c.result) for c in answer.presentation_context_definition_results_list] == [(1, 0), (3, 3)]
+    assert (answer.calling_ae_title, answer.called_ae_title) == ("SCANNER", "LDCT_NODE")
+
+    rj = A_ASSOCIATE_RJ()
+    rj.decode(reject_pdu(0x01, 0x01, 0x07))
+    assert (rj.result, rj.source, rj.reason_diagnostic) == (0x01, 0x01, 0x07)
