@@ -6,8 +6,8 @@
 - receive: DCMTK storescu sends the series to `ldct-node serve` and, in turn, to DCMTK storescp and
   to Orthanc: over one association, and split over PARALLEL associations at once (aggregate rate).
   Targets: one association >= 0.5 x storescp, parallel >= 0.8 x storescp, >= 1.0 x Orthanc.
-- send: the node's delivery of the derived series to a storescp (the sender's own timing from
-  its "series delivered" log line) against storescu sending the very same derived files to a
+- send: the node's delivery of the derived series to a storescp (``send_series``, what every
+  delivery attempt runs, in this process) against storescu sending the very same derived files to a
   fresh storescp; instances/s and ratio.
 - end to end: from the last instance received to the last derived instance stored at the
   destination, split into quiet period (+ worker pick-up), denoise and send.
@@ -34,8 +34,9 @@ from pathlib import Path
 import pydicom
 
 from ldct_node import __version__
-from ldct_node.config import load_config
+from ldct_node.config import Destination, SendSettings, load_config
 from ldct_node.node.jobs import JobStore, SeriesState
+from ldct_node.node.send import send_series
 from tests import peers, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def wait_done(node: peers.Node, series_uid: str, run: int) -> dict:
 def bench_end_to_end(files: list[Path], workdir: Path, weights: Path | None, runs: int, quiet_period_s: float,
                      repeats: int) -> tuple[list[dict], dict]:
     series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    splits, node_send_s = [], []
+    splits = []
     with peers.running_storescp(workdir / "storescp-e2e", aet="PACS") as pacs:
         node = start_node(workdir / "node-e2e", weights, [pacs.destination("pacs")], quiet_period_s)
         try:
@@ -206,14 +207,26 @@ def bench_end_to_end(files: list[Path], workdir: Path, weights: Path | None, run
                 delivered = delivered_events(node)[-1]
                 last_stored = max(p.stat().st_mtime for p in pacs.received())
                 splits.append(split(row, delivered, last_stored, run))
-                node_send_s.append(float(delivered["seconds"]))
         finally:
             node.stop()
         derived = pacs.received()
-    with peers.running_storescp(workdir / "storescp-send") as scp:
-        timed_storescu(derived, scp.port, scp.aet)  # warm-up
-        dcmtk_s = [timed_storescu(derived, scp.port, scp.aet) for _ in range(repeats)]
-    return splits, rates("send", len(derived), node_send_s, dcmtk_s, SEND_TARGET, "storescu")
+    return splits, bench_send(derived, workdir, repeats)
+
+
+def bench_send(derived: list[Path], workdir: Path, repeats: int) -> dict:
+    """The sender's send_series (what each delivery runs) and storescu, each to a fresh storescp per
+    run, alternating, after one warm-up of each."""
+    settings = SendSettings(max_pdu=peers.DCMTK_MAX_PDU)
+    node_s, dcmtk_s = [], []
+    for run in range(repeats + 1):
+        with peers.running_storescp(workdir / f"send-node-{run}", aet="PACS") as scp:
+            destination = Destination("pacs", scp.aet, peers.LOOPBACK, scp.port)
+            start = time.perf_counter()
+            send_series(derived, destination, settings)
+            node_s.append(time.perf_counter() - start)
+        with peers.running_storescp(workdir / f"send-dcmtk-{run}", aet="PACS") as scp:
+            dcmtk_s.append(timed_storescu(derived, scp.port, scp.aet))
+    return rates("send", len(derived), node_s[1:], dcmtk_s[1:], SEND_TARGET, "storescu")
 
 
 def split(row: dict, delivered: dict, last_stored: float, run: int) -> dict:
