@@ -360,3 +360,21 @@ def test_a_command_other_than_store_or_echo_is_answered_unrecognised_and_the_ass
     sock.sendall(pdu(0x05, bytes(4)))  # A-RELEASE-RQ
     assert read_pdu(sock)[0] == 0x06
     sock.close()
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("a PDV of a context that was never accepted", lambda: pdu(P_DATA_TF, pdv(b"\0" * 8, 0x03, context_id=9))),
+    ("a data set before any command", lambda: pdu(P_DATA_TF, pdv(b"\0" * 8, 0x02))),
+    ("a PDV item longer than its PDU", lambda: pdu(P_DATA_TF, struct.pack(">LBB", 100, 1, 0x03) + b"\0" * 8)),
+    ("a second A-ASSOCIATE-RQ", lambda: associate_rq()),
+])
+def test_a_pdu_out_of_protocol_is_answered_with_an_abort_and_the_connection_closed(node, name, message):
+    receiver = node()
+    sock = raw_associate(receiver)
+    sock.sendall(message())
+    answer = read_pdu(sock)
+    assert answer is not None and answer[0] == A_ABORT, name
+    assert closed_by_node(sock)
+    assoc = sender(receiver)
+    assert assoc.is_established, "the port keeps serving"
+    assoc.release()
