@@ -210,6 +210,19 @@ def test_a_fault_of_the_node_is_a_processing_failure_for_that_instance_and_the_a
         assoc.release()
 
 
+def test_a_fault_of_the_node_in_one_connection_is_one_error_line_and_the_port_keeps_serving(node, monkeypatch):
+    receiver = node()
+    with monkeypatch.context() as patch, capture_logs() as logs:
+        patch.setattr("ldct_node.node.receive.Acceptor.serve", lambda self: 1 / 0)
+        assert not associate(receiver).is_established
+        deadline = time.monotonic() + 5
+        while not any(e["event"] == "connection failed" for e in logs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [e["reason"] for e in logs if e["event"] == "connection failed"] == ["ZeroDivisionError: division by zero"]
+    assert receiver.admission.pending == 0, "the connection's place is given back"
+    assert store(receiver, ct_dataset(rows=16, columns=16)) == Status.SUCCESS
+
+
 def test_localizer_is_answered_success_but_not_spooled(node):
     receiver = node()
     assert store(receiver, localizer_dataset(rows=16, columns=16)) == Status.SUCCESS

@@ -421,6 +421,9 @@ class Receiver:
                 return
             try:
                 self._associate(sock, address, slot)
+            except Exception as exc:  # noqa: BLE001 - a fault of ours ends this connection, never the receiver
+                log.error("connection failed", reason=f"{type(exc).__name__}: {exc}", address=address[0],
+                          port=address[1])
             finally:
                 self.admission.disconnect(slot)
         finally:
