@@ -104,12 +104,16 @@ def timed_storescu(files: list[Path], port: int, called_aet: str) -> float:
     return seconds
 
 
-def start_node(workdir: Path, weights: Path | None, destinations: list[dict], quiet_period_s: float) -> peers.Node:
+def start_node(workdir: Path, weights: Path | None, destinations: list[dict], quiet_period_s: float,
+               overrides: dict[str, dict] | None = None) -> peers.Node:
+    """`ldct-node serve` as benchmarked; overrides: settings per table, e.g. {"queue": {"stream": True}}."""
     tables = peers.node_tables(workdir / "data", peers.free_port(), peers.free_port(), weights,
                                destinations=destinations, quiet_period_s=quiet_period_s)
     # Like for like with DCMTK, whose PDU cannot exceed 128 kB.
     tables["receive"]["max_pdu"] = tables["send"]["max_pdu"] = peers.DCMTK_MAX_PDU
     tables["inference"]["threads"] = 0  # all cores: measured as it would run, not as a polite test neighbour
+    for table, values in (overrides or {}).items():
+        tables[table].update(values)
     return peers.make_node(workdir, tables).start()
 
 
@@ -166,14 +170,15 @@ def rates(what: str, count: int, node_s: list[float], reference_s: list[float], 
             "target_ratio": target, "statistic": "median"}
 
 
-def delivered_events(node: peers.Node) -> list[dict]:
+def log_events(node: peers.Node, name: str) -> list[dict]:
+    """The node's JSON log lines of one event, oldest first."""
     events = []
     for line in node.log_text().splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") == "series delivered":
+        if event.get("event") == name:
             events.append(event)
     return events
 
@@ -204,7 +209,7 @@ def bench_end_to_end(files: list[Path], workdir: Path, weights: Path | None, run
             for run in range(1, runs + 1):  # a re-sent series is a new run with the same derived UIDs
                 timed_storescu(files, node.port, node.ae_title)
                 row = wait_done(node, series_uid, run)
-                delivered = delivered_events(node)[-1]
+                delivered = log_events(node, "series delivered")[-1]
                 last_stored = max(p.stat().st_mtime for p in pacs.received())
                 splits.append(split(row, delivered, last_stored, run))
         finally:
@@ -258,14 +263,26 @@ def print_report(result: dict) -> None:
               f"{s['denoise_s']:9.2f}{s['send_s']:8.2f}{s['other_s']:8.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str, results: str) -> argparse.ArgumentParser:
+    """The options the network benchmarks share; results: the default JSON file's name."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", type=Path, help="folder of one CT series (default: the shared series)")
     parser.add_argument("--weights", default="shipped", help="shipped, tiny (random, network speed only) or a path")
+    parser.add_argument("--quiet-period", type=float, default=2.0, help="queue.quiet_period_s of the node")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / results)
+    return parser
+
+
+def write_result(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten {path}")
+
+
+def main() -> None:
+    parser = arguments(__doc__, "network.json")
     parser.add_argument("--repeats", type=int, default=3, help="timed transfers per side; the median counts")
     parser.add_argument("--e2e-runs", type=int, default=2, help="times the series goes through the whole node")
-    parser.add_argument("--quiet-period", type=float, default=2.0, help="queue.quiet_period_s of the node")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "network.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ldct-bench-") as tmp:
@@ -280,9 +297,7 @@ def main() -> None:
         result["end_to_end"], result["send"] = bench_end_to_end(files, workdir, weights, args.e2e_runs,
                                                                 args.quiet_period, args.repeats)
     print_report(result)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten {args.json}")
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ and --pace shows the case where the network keeps up, as on a GPU server.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,17 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from bench.bench_network import REPO, machine, source_files, timed_storescu, wait_done, weights_path
+from bench.bench_network import (
+    arguments,
+    log_events,
+    machine,
+    source_files,
+    start_node,
+    timed_storescu,
+    wait_done,
+    weights_path,
+    write_result,
+)
 from tests import peers
 
 
@@ -52,29 +60,13 @@ def paced_send(files: list[Path], port: int, called_aet: str, per_second: float)
         assoc.release()
 
 
-def log_events(node: peers.Node, name: str) -> list[dict]:
-    events = []
-    for line in node.log_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == name:
-            events.append(event)
-    return events
-
-
 def one_run(files: list[Path], workdir: Path, weights: Path | None, stream: bool, chunk: int,
             quiet_period_s: float, pace: float) -> dict:
     series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     name = "stream" if stream else "quiet-period"
     with peers.running_storescp(workdir / f"pacs-{name}", aet="PACS") as pacs:
-        tables = peers.node_tables(workdir / f"node-{name}" / "data", peers.free_port(), peers.free_port(), weights,
-                                   destinations=[pacs.destination("pacs")], quiet_period_s=quiet_period_s)
-        tables["receive"]["max_pdu"] = tables["send"]["max_pdu"] = peers.DCMTK_MAX_PDU
-        tables["inference"].update(threads=0, chunk_slices=chunk)  # all cores, as it would run
-        tables["queue"]["stream"] = stream
-        node = peers.make_node(workdir / f"node-{name}", tables).start()
+        node = start_node(workdir / f"node-{name}", weights, [pacs.destination("pacs")], quiet_period_s,
+                          {"inference": {"chunk_slices": chunk}, "queue": {"stream": stream}})
         try:
             if pace > 0:
                 paced_send(files, node.port, node.ae_title, pace)
@@ -117,13 +109,9 @@ def print_report(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--series", type=Path, help="folder of one CT series (default: the shared series)")
-    parser.add_argument("--weights", default="shipped", help="shipped, tiny (random, network speed only) or a path")
+    parser = arguments(__doc__, "stream.json")
     parser.add_argument("--pace", type=float, default=0.0, help="instances/s the scanner sends; 0: storescu at full speed")
     parser.add_argument("--chunk", type=int, default=16, help="inference.chunk_slices of the node")
-    parser.add_argument("--quiet-period", type=float, default=2.0, help="queue.quiet_period_s of the node")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "stream.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ldct-bench-") as tmp:
@@ -136,9 +124,7 @@ def main() -> None:
         result["runs"] = [one_run(files, workdir, weights, stream, args.chunk, args.quiet_period, args.pace)
                           for stream in (False, True)]
     print_report(result)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten {args.json}")
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":
