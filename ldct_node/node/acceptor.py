@@ -31,13 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
@@ -76,6 +72,7 @@ from ldct_node.node.upper_layer import (
     text_of,
     us,
     us_of,
+    user_information,
 )
 
 # Largest A-ASSOCIATE-RQ (or release / abort PDU) read: 128 presentation contexts, each with ten
@@ -173,13 +170,7 @@ def accept_pdu(request: A_ASSOCIATE, results: list[PresentationContext], roles: 
     answer.called_ae_title = request.called_ae_title
     answer.result = 0x00
     answer.presentation_context_definition_results_list = results
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-    answer.user_information = [max_length, implementation, version, *roles]
+    answer.user_information = [*user_information(max_pdu), *roles]
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(answer)
     return pdu.encode()

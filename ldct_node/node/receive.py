@@ -129,7 +129,7 @@ class StoreFailure(IntEnum):
     BAD_UIDS = 0xC001  # in the cannot-understand range: an identifying UID, SOP class or instance
 
 
-SUPPORTED = {CTImageStorage: TRANSFER_SYNTAXES, Verification: TRANSFER_SYNTAXES[:2]}
+SUPPORTED = {CTImageStorage: TRANSFER_SYNTAXES, Verification: ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")}
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.2.1.4: the node failed, not the instance
 # A-ASSOCIATE-RJ (PS3.8 §9.3.4) as (result, source, reason): rejected-permanent, DICOM UL service-user,

@@ -20,13 +20,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
 )
 from pynetdicom.presentation import PresentationContext
 
@@ -67,6 +63,7 @@ from ldct_node.node.upper_layer import (
     uid_value,
     us,
     us_of,
+    user_information,
 )
 
 # Longest association-phase PDU read from a peer (an A-ASSOCIATE-AC of 128 contexts stays far below).
@@ -272,13 +269,7 @@ def _associate_rq(called_ae: str, sop_class_uid: str, contexts: dict[str, int], 
         context.transfer_syntax = [syntax]
         proposed.append(context)
     request.presentation_context_definition_list = proposed
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = settings.max_pdu
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-    request.user_information = [max_length, implementation, version]
+    request.user_information = user_information(settings.max_pdu)
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(request)
     return pdu.encode()

@@ -13,6 +13,13 @@ import socket
 import struct
 import time
 
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.pdu_primitives import (
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # DICOM Application Context Name (PS3.7 A.2.1)
 
 # PDU types (PS3.8 9.3.1).
@@ -31,6 +38,17 @@ NO_DATA_SET = 0x0101
 # Command elements (group 0000) by element number.
 AFFECTED_SOP_CLASS, COMMAND_FIELD, MESSAGE_ID, RESPONDED_TO = 0x0002, 0x0100, 0x0110, 0x0120
 PRIORITY, DATA_SET_TYPE, STATUS, ERROR_COMMENT, AFFECTED_SOP_INSTANCE = 0x0700, 0x0800, 0x0900, 0x0902, 0x1000
+
+
+def user_information(max_pdu: int) -> list:
+    """The user information items both ends send: the largest PDU we accept and our implementation."""
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return [max_length, implementation, version]
 
 
 def abort_pdu(source: int = 0, reason: int = 0) -> bytes:
