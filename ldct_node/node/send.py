@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # stream.py builds on the worker, which the sender need not l
 
 log = get_logger(__name__)
 
+
 class StoreWarning(IntEnum):
     """C-STORE warning statuses (PS3.4 B.2.3): the destination stored the instance, with a remark."""
 
@@ -60,6 +61,11 @@ class SendResult:
     sent: int
     warnings: int
     seconds: float
+
+
+def failure_reason(exc: Exception) -> str:
+    """The one-line reason of a failed attempt: a SendError says it already, anything else by its type."""
+    return str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
 
 
 def status_stored(status: int) -> bool:
@@ -200,8 +206,7 @@ class Sender(PollingThread):
         try:
             result = send_series(files, destination, self.settings, self._contexts.get(destination.name), stored)
         except Exception as exc:  # noqa: BLE001 - as in deliver: the attempt fails, the thread goes on
-            reason = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
-            bound.warning("streamed chunk not sent", reason=reason, stored=len(stored), instances=len(files),
+            bound.warning("streamed chunk not sent", reason=failure_reason(exc), stored=len(stored), instances=len(files),
                           paused_s=self.settings.backoff_initial_s)
             return False
         finally:
@@ -227,10 +232,8 @@ class Sender(PollingThread):
             rest = [path for path in files if path not in already]
             result = (send_series(rest, destination, self.settings, self._contexts.get(destination.name))
                       if rest else SendResult(0, 0, 0.0))
-        except SendError as exc:
-            return self._failed(delivery, str(exc), bound)
         except Exception as exc:  # noqa: BLE001 - a network stack error must fail the attempt, not the thread
-            return self._failed(delivery, f"{type(exc).__name__}: {exc}", bound)
+            return self._failed(delivery, failure_reason(exc), bound)
         streamed = {"streamed_before": len(files) - len(rest)} if len(rest) < len(files) else {}
         bound.info("series delivered", instances=result.sent, warnings=result.warnings,
                    seconds=round(result.seconds, 3), **streamed)
