@@ -234,11 +234,9 @@ def denoise_instances(
             measured = trial
             break
     summary = measured.summary()
-    written = set(files)
-    kept = {sop_uid: path for sop_uid, path in by_source.items() if path in written}
     return SeriesResult(series_uid, new_series_uid, files, len(files), time.monotonic() - started,
                         skipped=set_aside, fidelity=summary, fidelity_failure=fidelity_violation(summary, fidelity),
-                        by_source=kept, measured=measured)
+                        by_source=by_source, measured=measured)
 
 
 def slice_counter(total: int, report: Callable[[int, int], None]) -> Callable[[int], None]:
