@@ -10,6 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -273,12 +275,13 @@ def test_truncated_native_pixel_data_does_not_match():
 
 def test_inspect_refuses_a_sop_uid_that_differs_from_the_request():
     ds = ct_dataset(rows=16, columns=16)
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)  # as it comes over the network: no preamble, no File Meta
     with pytest.raises(Refused) as err:
-        inspect(buf.getvalue(), "1.2.3", classify)
+        inspect(buf.getvalue(), ExplicitVRLittleEndian, "1.2.3", classify)
     assert err.value.status == StoreFailure.BAD_UIDS
-    assert inspect(buf.getvalue(), ds.SOPInstanceUID, classify).ignored is None
+    assert inspect(buf.getvalue(), ExplicitVRLittleEndian, ds.SOPInstanceUID, classify).ignored is None
 
 
 def test_the_association_offers_the_configured_pdu_limit(node):

@@ -55,10 +55,10 @@ def test_disk_full_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_disk_full_while_staging_is_refused_at_commit_and_leaves_nothing(tmp_path, monkeypatch):
-    def no_space(fd, data):
+    def no_space(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", no_space)
+    monkeypatch.setattr(os, "writev", no_space)
     spool = Spool(tmp_path)
     staged = spool.stage(b"x" * 1000)
     assert list(tmp_path.rglob("*")) == []
@@ -116,3 +116,15 @@ def test_the_same_sop_instance_uid_in_two_series_is_two_files(tmp_path):
     second = spool.write_instance("4.5.6", "1.1", b"second")
     assert (first.path.read_bytes(), second.path.read_bytes()) == (b"first", b"second")
     assert {(i.series_uid, i.sop_uid) for i in spool.scan()} == {("1.2.3", "1.1"), ("4.5.6", "1.1")}
+
+
+def test_staged_parts_are_written_whole_and_in_order_when_the_kernel_writes_a_little_at_a_time(tmp_path, monkeypatch):
+    writev = os.writev
+
+    def three_bytes_at_most(fd, buffers):
+        return writev(fd, [bytes(b"".join(bytes(b) for b in buffers)[:3])])
+
+    monkeypatch.setattr(os, "writev", three_bytes_at_most)
+    spool = Spool(tmp_path)
+    spooled = spool.commit(spool.stage(b"DICM", b"", b"-header", b"+data set"), SERIES, SOP)
+    assert spooled.path.read_bytes() == b"DICM-header+data set"

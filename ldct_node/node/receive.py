@@ -80,8 +80,9 @@ from enum import IntEnum
 from io import BytesIO
 from typing import Callable
 
-import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -141,6 +142,9 @@ _REJECT_LIMIT = (0x02, 0x03, 0x02)
 # Connections the kernel holds until the accepting thread takes them.
 _BACKLOG = 128
 _ACCEPT_RETRY_S = 0.1
+# inspect leaves values longer than this (pixel data above all) in the buffer: only their length is
+# checked, and copying half a megabyte of pixels out cost about a third of inspect's time.
+_INSPECT_DEFER_BYTES = 4096
 
 
 class Refused(Exception):
@@ -315,10 +319,26 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
-def inspect(raw: bytes, affected_sop_uid: str, classify: Callable[[Dataset], Verdict | None]) -> Inspected:
-    """Parse an encoded instance (with file meta) enough to spool it, or raise Refused."""
+def read_data_set(data_set: bytes, transfer_syntax: str) -> FileDataset:
+    """A received data set as pydicom would read its spooled file, without parsing the File Meta the
+    node itself writes in front (a tenth of the receiver's CPU) and without copying out values over
+    _INSPECT_DEFER_BYTES (pixel data: only its length is checked, or it is decoded from the buffer)."""
+    syntax = UID(transfer_syntax)
+    buffer = BytesIO(data_set)
+    # Every negotiated syntax is little endian (TRANSFER_SYNTAXES).
+    found = read_dataset(buffer, syntax.is_implicit_VR, True, defer_size=_INSPECT_DEFER_BYTES)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset(buffer, found, file_meta=meta, is_implicit_VR=syntax.is_implicit_VR, is_little_endian=True)
+    ds.set_original_encoding(syntax.is_implicit_VR, True, found._character_set)
+    return ds
+
+
+def inspect(data_set: bytes, transfer_syntax: str, affected_sop_uid: str,
+            classify: Callable[[Dataset], Verdict | None]) -> Inspected:
+    """Parse a received data set enough to spool it, or raise Refused."""
     try:
-        ds = pydicom.dcmread(BytesIO(raw))
+        ds = read_data_set(data_set, transfer_syntax)
         study_uid, series_uid, sop_uid, sop_class = (
             str(ds.get(name, "") or "") for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                                                      "SOPClassUID"))
@@ -490,13 +510,13 @@ class Receiver:
         Refused with the failure status and reason."""
         if not self.spool.has_room():
             raise Refused(StoreFailure.OUT_OF_RESOURCES, f"spool has less than {self.spool.min_free_bytes} bytes free")
-        raw = part10_header(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax) + request.data_set
-        # Written before it is parsed, so that the disk writes it back while inspect (about 1.2 ms of
+        header = part10_header(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
+        # Written before it is parsed, so that the disk writes it back while inspect (about 1 ms of
         # CPU) runs: about 0.7 ms less per instance. What inspect refuses or ignores is discarded and
         # answered as before, as if never written.
-        staged = self.spool.stage(raw)
+        staged = self.spool.stage(header, request.data_set)
         try:
-            found = inspect(raw, request.sop_instance_uid, self.classify)
+            found = inspect(request.data_set, request.transfer_syntax, request.sop_instance_uid, self.classify)
             if found.ignored is None:
                 self.store(found, staged)
         finally:

@@ -37,6 +37,17 @@ def is_valid_uid(uid: str) -> bool:
     return bool(uid) and len(uid) <= MAX_UID_LENGTH and bool(_UID.match(uid))
 
 
+def write_all(fd: int, parts: tuple[bytes, ...]) -> None:
+    """Write the parts in order with as few system calls as the kernel allows (no joined copy)."""
+    views = [memoryview(part) for part in parts if len(part)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
+
+
 class Staged:
     """An instance's bytes in a temporary file of the spool root, on their way to the disk."""
 
@@ -102,20 +113,17 @@ class Spool:
         self.path_for(series_uid, sop_uid)  # a UID that is no DICOM UID is refused before anything is written
         return self.commit(self.stage(data), series_uid, sop_uid)
 
-    def stage(self, data: bytes) -> Staged:
-        """Write data to a temporary file of the spool root and start its way to the disk, so that the
-        caller can work on (parse) the data meanwhile; commit or discard the result. Errors come out of
-        commit."""
+    def stage(self, *parts: bytes) -> Staged:
+        """Write the parts, one after the other, to a temporary file of the spool root and start their
+        way to the disk, so that the caller can work on (parse) them meanwhile; commit or discard the
+        result. Errors come out of commit."""
         try:
             fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.root)
         except OSError as exc:
             return Staged(None, error=exc)
         try:
             os.fchmod(fd, DATA_FILE_MODE)
-            with memoryview(data) as view:
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
+            write_all(fd, parts)
             # On Linux this starts the writeback of the (dirty) pages now and returns; they stay cached.
             # Written back while the caller parses, a 0.5 MB file then takes commit's fsync about 0.2
             # instead of 0.6 ms. A thread of its own doing the fsync gained less: two GIL handovers.
