@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
