@@ -7,13 +7,20 @@ from __future__ import annotations
 from io import BytesIO
 
 import pydicom
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
+import pytest
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from ldct_node.node.acceptor import ERROR_COMMENT_MAX, accept_pdu, overlong_uid, reject_pdu, response
-from ldct_node.node.upper_layer import AFFECTED_SOP_CLASS, AFFECTED_SOP_INSTANCE, C_STORE_RQ, uid_value
+from ldct_node.node.acceptor import ERROR_COMMENT_MAX, Negotiator, ae_titles, overlong_uid, reject_pdu, response
+from ldct_node.node.upper_layer import (
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    C_STORE_RQ,
+    uid_value,
+    user_information,
+)
 
 
 def decoded(command: bytes) -> pydicom.Dataset:
@@ -38,14 +45,26 @@ def test_a_uid_over_64_characters_is_named():
     assert overlong_uid({AFFECTED_SOP_CLASS: uid_value(CTImageStorage)}) is None
 
 
-def test_the_associate_answers_decode_in_pynetdicom():
+def associate_rq(calling: str = "SCANNER", called: str = "LDCT_NODE") -> bytes:
+    """An A-ASSOCIATE-RQ body (after the PDU header) proposing CT in explicit VR and MR, from pynetdicom."""
     request = A_ASSOCIATE()
     request.application_context_name = "1.2.840.10008.3.1.1.1"
-    request.calling_ae_title, request.called_ae_title = "SCANNER", "LDCT_NODE"
-    accepted, refused = build_context(CTImageStorage, "1.2.840.10008.1.2.1"), build_context(MRImageStorage)
-    accepted.context_id, accepted.result, refused.context_id, refused.result = 1, 0x00, 3, 0x03
+    request.calling_ae_title, request.called_ae_title = calling, called
+    ct, mr = build_context(CTImageStorage, "1.2.840.10008.1.2.1"), build_context(MRImageStorage)
+    ct.context_id, mr.context_id = 1, 3
+    request.presentation_context_definition_list = [ct, mr]
+    request.user_information = user_information(16384)
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(request)
+    return rq.encode()[6:]
+
+
+def test_the_associate_answers_decode_in_pynetdicom_and_echo_the_callers_ae_titles():
+    body = associate_rq()
+    negotiated = Negotiator({CTImageStorage: ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")}, 65536).negotiate(body[68:])
+    assert negotiated.contexts == {1: "1.2.840.10008.1.2.1"}
     ac = A_ASSOCIATE_AC()
-    ac.decode(accept_pdu(request, [accepted, refused], [], 65536))
+    ac.decode(negotiated.accept_pdu(body[:68]))
     answer = ac.to_primitive()
     assert answer.maximum_length_received == 65536
     assert [(c.context_id, c.result) for c in answer.presentation_context_definition_results_list] == [(1, 0), (3, 3)]
@@ -54,3 +73,22 @@ def test_the_associate_answers_decode_in_pynetdicom():
     rj = A_ASSOCIATE_RJ()
     rj.decode(reject_pdu(0x01, 0x01, 0x07))
     assert (rj.result, rj.source, rj.reason_diagnostic) == (0x01, 0x01, 0x07)
+
+
+def test_the_same_proposal_from_another_caller_is_answered_from_memory_with_that_callers_titles():
+    negotiator = Negotiator({CTImageStorage: ("1.2.840.10008.1.2.1",)}, 65536)
+    first, second = associate_rq("CT1"), associate_rq("CT2", "OTHER")
+    assert negotiator.negotiate(first[68:]) is negotiator.negotiate(second[68:])
+    assert negotiator.negotiate.cache_info().hits == 1
+    ac = A_ASSOCIATE_AC()
+    ac.decode(negotiator.negotiate(second[68:]).accept_pdu(second[:68]))
+    assert (ac.calling_ae_title, ac.called_ae_title) == ("CT2", "OTHER")
+    assert ae_titles(second) == ("OTHER", "CT2")
+
+
+@pytest.mark.parametrize("title", [b" " * 16, b"BAD\\TITLE".ljust(16)])
+def test_an_ae_title_of_spaces_or_with_a_backslash_is_malformed(title):
+    body = bytearray(associate_rq())
+    body[20:36] = title
+    with pytest.raises(ValueError):
+        ae_titles(bytes(body))

@@ -100,7 +100,7 @@ from ldct_node.dicom.series import (
     uid_problem,
 )
 from ldct_node.logs import get_logger
-from ldct_node.node.acceptor import Acceptor, Limits, Refusal, Stored
+from ldct_node.node.acceptor import Acceptor, Limits, Negotiator, Refusal, Stored
 from ldct_node.node.jobs import JobStore
 from ldct_node.node.observe import Metrics
 from ldct_node.node.spool import Spool, SpoolFull, Staged
@@ -387,6 +387,7 @@ class Receiver:
         association = settings.association
         self.limits = Limits(association.max_pdu, settings.max_instance_bytes, association.acse_timeout_s,
                              association.network_timeout_s)
+        self.negotiator = Negotiator(SUPPORTED, association.max_pdu)
         self._listener: socket.socket | None = None
         # Built here, so that an unusable certificate or key stops the node at start (ConfigError).
         self._ssl_context = server_context(settings.tls) if settings.tls else None
@@ -458,7 +459,7 @@ class Receiver:
             if not self._handshake(sock, slot):
                 return
         audit = AssociationAudit(address[0], address[1], time.monotonic())
-        ended = Acceptor(sock, self.limits, SUPPORTED, Association(self, slot, audit)).serve()
+        ended = Acceptor(sock, self.limits, self.negotiator, Association(self, slot, audit)).serve()
         if audit.calling_ae is None:
             return  # no association was asked for (a port probe): no audit line
         audit.ended = ended
