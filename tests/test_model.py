@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
+from ldct_node.net import model
 from ldct_node.net.model import (
     REDCNN,
     DynamicEnhancementModule,
@@ -30,7 +31,14 @@ def test_deformable_conv_with_zero_offsets_and_unit_mask_equals_ordinary_conv():
     torch.testing.assert_close(modulated_deform_conv(x, offset, mask, weight, bias), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_gather_equals_torchvision_kernel_for_random_offsets_and_masks():
+# Bands of one row, of several rows that do not divide the height (3000 bytes: 3 rows of the gradient
+# test's 7, 8000: 3 of the other's 11) and, by default, one band.
+BANDS = [1, 3000, 8000, model.GATHER_BAND_BYTES]
+
+
+@pytest.mark.parametrize("band_bytes", BANDS)
+def test_cpu_gather_equals_torchvision_kernel_for_random_offsets_and_masks(band_bytes, monkeypatch):
+    monkeypatch.setattr(model, "GATHER_BAND_BYTES", band_bytes)
     torch.manual_seed(1)
     x = torch.randn(2, 4, 11, 9)
     offset = torch.randn(2, 18, 11, 9) * 3  # large shifts also sample outside the image
@@ -40,7 +48,9 @@ def test_cpu_gather_equals_torchvision_kernel_for_random_offsets_and_masks():
     torch.testing.assert_close(_deform_conv_gather(x, offset, mask, weight, bias), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_gather_gradients_match_torchvision():
+@pytest.mark.parametrize("band_bytes", BANDS)
+def test_cpu_gather_gradients_match_torchvision(band_bytes, monkeypatch):
+    monkeypatch.setattr(model, "GATHER_BAND_BYTES", band_bytes)
     torch.manual_seed(2)
     args = [torch.randn(1, 3, 7, 8), torch.randn(1, 18, 7, 8), torch.rand(1, 9, 7, 8), torch.randn(3, 3, 3, 3), torch.randn(3)]
     grads = []
