@@ -273,6 +273,13 @@ def arguments(description: str, results: str) -> argparse.ArgumentParser:
     return parser
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def write_result(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -281,8 +288,9 @@ def write_result(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = arguments(__doc__, "network.json")
-    parser.add_argument("--repeats", type=int, default=3, help="timed transfers per side; the median counts")
-    parser.add_argument("--e2e-runs", type=int, default=2, help="times the series goes through the whole node")
+    parser.add_argument("--repeats", type=positive, default=3, help="timed transfers per side; the median counts")
+    parser.add_argument("--e2e-runs", type=positive, default=2,
+                        help="times the series goes through the whole node (at least 1: the send case sends its output)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ldct-bench-") as tmp:
