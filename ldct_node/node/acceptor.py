@@ -31,7 +31,8 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from types import MappingProxyType
+from typing import Mapping, NamedTuple, Protocol
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -191,7 +192,7 @@ def ae_titles(body: bytes) -> tuple[str, str]:
 class Negotiated:
     """What the node answers to one set of proposed presentation contexts and user information."""
 
-    contexts: dict[int, str]  # accepted context ID -> transfer syntax
+    contexts: Mapping[int, str]  # accepted context ID -> transfer syntax; shared by every association that proposed the same
     items: bytes  # the A-ASSOCIATE-AC's variable items
 
     def accept_pdu(self, fixed: bytes) -> bytes:
@@ -230,8 +231,8 @@ class Negotiator:
         answer.user_information = [*user_information(self.max_pdu), *reply_roles]
         accept = A_ASSOCIATE_AC()
         accept.from_primitive(answer)
-        return Negotiated({cx.context_id: str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00},
-                          accept.encode()[PDU_HEADER.size + _FIXED:])
+        accepted = {cx.context_id: str(cx.transfer_syntax[0]) for cx in results if cx.result == 0x00}
+        return Negotiated(MappingProxyType(accepted), accept.encode()[PDU_HEADER.size + _FIXED:])
 
 
 def reject_pdu(result: int, source: int, reason: int) -> bytes:
@@ -253,7 +254,7 @@ class Acceptor:
         self.policy = policy
         self.requested = False  # an A-ASSOCIATE-RQ arrived
         self.calling_ae = ""
-        self._contexts: dict[int, str] = {}  # accepted context ID -> transfer syntax
+        self._contexts: Mapping[int, str] = {}  # accepted context ID -> transfer syntax
         self._ended: str | None = None  # how negotiation ended when it did not lead to an association
 
     def serve(self) -> str | None:
