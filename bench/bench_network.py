@@ -14,7 +14,8 @@
 
 Both sides use the same PDU limit (DCMTK's maximum, 128 kB) and TCP_NODELAY. The node makes
 every instance durable (fsync + rename + SQLite commit) before answering; storescp does not
-fsync, so the receive ratio is conservative. Default data: the shared 134-slice series
+fsync, so the receive ratio is conservative. Each timed transfer starts after os.sync(), so that no
+receiver pays for writing back the files another left in the page cache. Default data: the shared 134-slice series
 (Pancreatic-CT-CBCT-SEG, TCIA, CC BY 4.0); without it a synthetic 512x512 series of the same size.
 Prints a table and writes JSON, both stating the machine.
 """
@@ -151,10 +152,19 @@ def bench_receive(files: list[Path], workdir: Path, weights: Path | None, repeat
                 seconds: dict[str, list[float]] = {name: [] for name in receivers}
                 for _ in range(repeats):  # in turn, so drifting machine load hits all alike
                     for name, (port, aet) in receivers.items():
+                        # storescp and Orthanc leave their files to the kernel's writeback; without this
+                        # the node's next fsyncs wrote back the references' files too (ext4 journals them
+                        # together): a third of the node's one-association rate in some runs.
+                        os.sync()
                         seconds[name].append(timed_receive(files, port, aet, associations))
                 for reference in ("storescp", "orthanc"):
                     rows.append(rates(f"receive, {associations} assoc.", len(files), seconds["node"], seconds[reference],
                                       RECEIVE_TARGETS[(reference, associations)], reference))
+        # storescu exits 0 whatever the statuses: an instance the node did not store would pass for speed.
+        failed = log_events(node, "instance refused") + log_events(node, "instance not stored")
+        if failed:
+            raise SystemExit(f"the node did not store {len(failed)} of the instances sent (first: "
+                             f"{failed[0].get('reason')}); see {node.log_path}")
     finally:
         node.stop()
     return rows
