@@ -44,6 +44,7 @@ from ldct_node import __version__
 from ldct_node.durable import atomic_write, atomic_write_text
 from ldct_node.errors import CommandError
 from ldct_node.logs import configure_logging, get_logger
+from ldct_node.net.allocator import keep_freed_memory
 from ldct_node.net.inference import fast_memory_format
 from ldct_node.net.model import build_model
 from ldct_node.net.weights import InputScaling, ModelCard, load_weights, save_weights
@@ -241,6 +242,8 @@ class Trainer:
         self.scaling = InputScaling()
         torch.manual_seed(recipe.seed)
         self.memory_format = fast_memory_format(device)
+        if device.type == "cpu":
+            keep_freed_memory()
         self.model = build_model(recipe.architecture, recipe.settings).to(device, memory_format=self.memory_format)
         if recipe.stage == "teacher":
             # TSC-Net's head starts at zero (identity), which solves NDCT -> NDCT at step 0 with zero

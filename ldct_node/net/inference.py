@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ldct_node.config import ConfigError, InferenceSettings
+from ldct_node.net.allocator import keep_freed_memory
 from ldct_node.net.model import DOWNSAMPLE
 from ldct_node.net.weights import LoadedModel, load_weights
 
@@ -129,6 +130,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
 class DenoiseEngine:
     def __init__(self, loaded: LoadedModel, settings: InferenceSettings = InferenceSettings()):
         self.device = resolve_device(settings.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         if self.device.type == "cuda":
