@@ -87,7 +87,8 @@ ASSOCIATE_RQ_MAX = 256 * 1024
 # titles, 32 reserved bytes; the variable items follow.
 _FIXED = 68
 _PROTOCOL_VERSION = b"\x00\x01"
-# Distinct sets of proposed items answered from memory: a site has a handful of senders.
+# Distinct sets of proposed items answered from memory: a site has a handful of senders. Bounded,
+# so that callers proposing ever new items hold at most 64 requests of ASSOCIATE_RQ_MAX (16 MiB).
 NEGOTIATIONS_REMEMBERED = 64
 UID_MAX = 64
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
