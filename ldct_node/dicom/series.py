@@ -27,8 +27,9 @@ from ldct_node.node.spool import is_valid_uid
 # Gantry tilt of CT scanners reaches about 30 degrees; anything further from axial is a reformat
 # (coronal, sagittal, oblique) that the network was not trained on.
 MAX_AXIAL_TILT_DEGREES = 35.0
-# Values larger than this stay on disk while headers are read, so scanning never loads pixel data.
-_DEFER_SIZE = 1024
+# Values larger than this are left where they lie (on disk, or in the received buffer) while headers
+# are read, so neither scanning nor the receiver's checks copy out pixel data.
+HEADER_DEFER_BYTES = 1024
 
 
 # The label of every reason for a file that cannot be parsed; the receiver refuses those (0xC000).
@@ -288,7 +289,7 @@ def read_instance(path: Path, accept_derived: bool = False) -> Instance | Skippe
     """The file's Instance when it is an axial CT image to denoise, else Skipped with the reason (also
     when its header makes it unusable: image_problem, the rules the receiver answers a failure for)."""
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+        ds = pydicom.dcmread(path, defer_size=HEADER_DEFER_BYTES)
     except InvalidDicomError:
         return Skipped(path, "not DICOM")
     except Exception as exc:  # noqa: BLE001 - any parser failure is a damaged file, reported, never raised

@@ -90,6 +90,7 @@ from ldct_node.config import AllowedPeer, ReceiveSettings
 from ldct_node.dicom.pixels import decode_problem
 from ldct_node.dicom.series import (
     BAD_UID,
+    HEADER_DEFER_BYTES,
     MISMATCH,
     UNDECODABLE,
     Verdict,
@@ -142,9 +143,6 @@ _REJECT_LIMIT = (0x02, 0x03, 0x02)
 # Connections the kernel holds until the accepting thread takes them.
 _BACKLOG = 128
 _ACCEPT_RETRY_S = 0.1
-# inspect leaves values longer than this (pixel data above all) in the buffer: only their length is
-# checked, and copying half a megabyte of pixels out cost about a third of inspect's time.
-_INSPECT_DEFER_BYTES = 4096
 
 
 class Refused(Exception):
@@ -322,11 +320,11 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 def read_data_set(data_set: bytes, transfer_syntax: str) -> FileDataset:
     """A received data set as pydicom would read its spooled file, without parsing the File Meta the
     node itself writes in front (a tenth of the receiver's CPU) and without copying out values over
-    _INSPECT_DEFER_BYTES (pixel data: only its length is checked, or it is decoded from the buffer)."""
+    HEADER_DEFER_BYTES (pixel data: only its length is checked, or it is decoded from the buffer)."""
     syntax = UID(transfer_syntax)
     buffer = BytesIO(data_set)
     # Every negotiated syntax is little endian (TRANSFER_SYNTAXES).
-    found = read_dataset(buffer, syntax.is_implicit_VR, True, defer_size=_INSPECT_DEFER_BYTES)
+    found = read_dataset(buffer, syntax.is_implicit_VR, True, defer_size=HEADER_DEFER_BYTES)
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = syntax
     ds = FileDataset(buffer, found, file_meta=meta, is_implicit_VR=syntax.is_implicit_VR, is_little_endian=True)
