@@ -114,13 +114,14 @@ def _deform_conv_gather(x, offset, mask, weight, bias):
     band = max(1, GATHER_BAND_BYTES // (n * c * taps * w * x.element_size()))
     tap = torch.arange(taps, device=x.device)
     shift = offset.view(n, taps, 2, h, w)
+    masks = mask.view(n, 1, taps, h, w)
     weights = weight.reshape(1, weight.shape[0], c * taps).expand(n, -1, -1)
     out = x.new_empty(n, weight.shape[0], h, w)
     cols = (tap % KERNEL - 1).view(1, taps, 1, 1) + torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
+    all_rows = (tap // KERNEL - 1).view(1, taps, 1, 1) + torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
     for top in range(0, h, band):
         bottom = min(h, top + band)
-        rows = (tap // KERNEL - 1).view(1, taps, 1, 1) + torch.arange(top, bottom, device=x.device,
-                                                                      dtype=x.dtype).view(1, 1, -1, 1)
+        rows = all_rows[:, :, top:bottom]
         # grid_sample wants (x, y) in [-1, 1]; align_corners=True maps -1 and 1 to pixel centres 0 and size-1.
         grid = torch.stack(
             [(cols + shift[:, :, 1, top:bottom]) * (2 / max(w - 1, 1)) - 1,
@@ -129,7 +130,7 @@ def _deform_conv_gather(x, offset, mask, weight, bias):
         )
         sampled = F.grid_sample(x, grid.view(n, taps * (bottom - top), w, 2), mode="bilinear", padding_mode="zeros",
                                 align_corners=True)
-        sampled = sampled.view(n, c, taps, bottom - top, w) * mask.view(n, 1, taps, h, w)[:, :, :, top:bottom]
+        sampled = sampled.view(n, c, taps, bottom - top, w) * masks[:, :, :, top:bottom]
         # bmm, not matmul: matmul folds the batch into one mm through a full transposed copy of `sampled`.
         out[:, :, top:bottom] = torch.bmm(weights, sampled.reshape(n, c * taps, -1)).view(n, -1, bottom - top, w)
     return out + bias.view(1, -1, 1, 1)
