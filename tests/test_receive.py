@@ -42,6 +42,7 @@ from ldct_node.node.receive import (
     is_allowed,
     part10_header,
 )
+from tests.requestor import rejection
 from tests.synthetic import (
     broken_jpeg_ls,
     compress_jpeg_ls_lossless,
@@ -145,10 +146,7 @@ def test_c_echo_answers_success(node):
 
 def test_caller_off_the_allow_list_is_rejected_as_calling_ae_not_recognised(node):
     receiver = node(allowed=(AllowedPeer("SCANNER"),))
-    assoc = associate(receiver, calling="INTRUDER")
-    assert assoc.is_rejected
-    rj = assoc.acceptor.primitive
-    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+    assert rejection(receiver.port, "INTRUDER", receiver.settings.ae_title) == (0x01, 0x01, 0x03)
     allowed = associate(receiver, calling="SCANNER")
     assert allowed.is_established
     allowed.release()
@@ -325,7 +323,7 @@ def test_each_association_ends_with_one_audit_line_of_who_what_and_how_long(node
 def test_a_caller_off_the_allow_list_gets_a_refused_audit_line_and_no_other(node):
     receiver = node(allowed=(AllowedPeer("SCANNER"),))
     with capture_logs() as logs:
-        assert associate(receiver, calling="INTRUDER").is_rejected
+        assert rejection(receiver.port, "INTRUDER", receiver.settings.ae_title) == (0x01, 0x01, 0x03)
         (line,) = audit_lines(logs)
     assert (line["calling_ae"], line["accepted"], line["reason"]) == (
         "INTRUDER", False, "calling AE title not on receive.allowed")
@@ -337,7 +335,7 @@ def test_an_association_over_the_limit_is_audited_as_refused_with_the_setting_to
     receiver = node(max_associations=1)
     with capture_logs() as logs:
         held = associate(receiver, calling="FIRST")
-        assert associate(receiver, calling="SECOND").is_rejected
+        assert rejection(receiver.port, "SECOND", receiver.settings.ae_title) == (0x02, 0x03, 0x02)
         (line,) = audit_lines(logs)
         held.release()
         audit_lines(logs, 2)

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from ldct_node.node.acceptor import ASSOCIATE_RQ_MAX
 from ldct_node.node.receive import Receiver
 from ldct_node.node.upper_layer import PeerClosed, TimedOut, pdv_items, read_exactly
+from tests.requestor import rejection
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -115,10 +116,10 @@ def flood(sock: socket.socket, nbytes: int) -> int:
     return sent
 
 
-def sender(receiver: Receiver, calling: str = "SCANNER", called: str | None = None):
+def sender(receiver: Receiver, calling: str = "SCANNER"):
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", receiver.port, ae_title=called or receiver.settings.ae_title)
+    return ae.associate("127.0.0.1", receiver.port, ae_title=receiver.settings.ae_title)
 
 
 # --- item 1: memory ---
@@ -268,13 +269,11 @@ def test_a_caller_over_its_own_limit_is_refused_while_other_callers_get_in(node)
     receiver = node(max_associations_per_caller=2)
     with capture_logs() as logs:
         held = [sender(receiver, "SCANNER") for _ in range(2)]
-        third = sender(receiver, "SCANNER")
+        third = rejection(receiver.port, "SCANNER", receiver.settings.ae_title)
         other = sender(receiver, "OTHER")
         assert wait_for(lambda: any(e["event"] == "association ended" for e in logs))
     assert all(a.is_established for a in held) and other.is_established
-    assert third.is_rejected
-    rj = third.acceptor.primitive
-    assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
+    assert third == (0x02, 0x03, 0x02)  # transient, local limit exceeded
     (line,) = [e for e in logs if e["event"] == "association ended"]
     assert line["reason"].startswith("association limit per caller")
     assert wait_for(lambda: refusals(receiver, "caller_limit") == 1)
@@ -286,7 +285,7 @@ def test_the_association_limit_counts_only_callers_let_in(node):
     receiver = node(max_associations=1)
     held = sender(receiver, "FIRST")
     assert held.is_established
-    assert sender(receiver, "SECOND").is_rejected
+    assert rejection(receiver.port, "SECOND", receiver.settings.ae_title) == (0x02, 0x03, 0x02)
     assert wait_for(lambda: refusals(receiver, "association_limit") == 1)
     held.release()
     assert wait_for(lambda: (a := sender(receiver, "THIRD")).is_established and (a.release() or True))
@@ -294,10 +293,7 @@ def test_the_association_limit_counts_only_callers_let_in(node):
 
 def test_a_called_ae_title_that_is_not_ours_is_rejected_as_not_recognised(node):
     receiver = node()
-    assoc = sender(receiver, called="SOMEONE_ELSE")
-    assert assoc.is_rejected
-    rj = assoc.acceptor.primitive
-    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+    assert rejection(receiver.port, "SCANNER", "SOMEONE_ELSE") == (0x01, 0x01, 0x07)
     assert wait_for(lambda: refusals(receiver, "called_ae_title") == 1)
 
 
