@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
-from ldct_node.node.spool import Spool, SpoolFull, is_valid_uid
+from ldct_node.node.spool import Releaser, Spool, SpoolFull, is_valid_uid
 
 SERIES, SOP = "1.2.3.4", "1.2.3.4.5"
 
@@ -25,6 +26,58 @@ def test_resent_instance_replaces_the_earlier_copy(tmp_path):
     spool.write_instance(SERIES, SOP, b"first")
     spool.write_instance(SERIES, SOP, b"second")
     assert [p.read_bytes() for p in (tmp_path / SERIES).iterdir()] == [b"second"]
+
+
+def test_a_replaced_copy_is_handed_to_the_releaser_still_open_and_the_new_one_is_in_place(tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr(Releaser, "release", lambda self, fd: released.append(fd))
+    spool = Spool(tmp_path)
+    spool.write_instance(SERIES, SOP, b"first")
+    assert released == [None]  # nothing was replaced
+    spool.write_instance(SERIES, SOP, b"second")
+    fd = released[-1]
+    try:
+        assert os.pread(fd, 16, 0) == b"first"  # freed only when this closes, after the answer
+    finally:
+        os.close(fd)
+    assert [p.read_bytes() for p in (tmp_path / SERIES).iterdir()] == [b"second"]
+
+
+def test_replaced_copies_are_freed_soon_after(tmp_path):
+    spool = Spool(tmp_path)
+    for content in (b"one", b"two", b"three"):
+        spool.write_instance(SERIES, SOP, content)
+
+    def held_deleted() -> list[str]:
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:
+                pass  # the descriptor listdir itself used
+        return [t for t in targets if t.startswith(str(tmp_path)) and t.endswith("(deleted)")]
+
+    deadline = time.monotonic() + 5
+    while held_deleted() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert held_deleted() == []
+
+
+def test_a_failed_rename_releases_the_copy_it_would_have_replaced(tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr(Releaser, "release", lambda self, fd: released.append(fd))
+    spool = Spool(tmp_path)
+    spool.write_instance(SERIES, SOP, b"first")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SpoolFull):
+        spool.write_instance(SERIES, SOP, b"second")
+    assert released[0] is None and released[1] is not None
+    os.close(released[1])
+    assert [p.read_bytes() for p in (tmp_path / SERIES).iterdir()] == [b"first"]
 
 
 @pytest.mark.parametrize("uid", ["", "../etc", "1.2/3", "1.2.", "a.b", "1" * 65, "1..2"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -68,6 +69,43 @@ class Staged:
                 os.close(fd)
 
 
+def open_existing(path: Path) -> int | None:
+    """A read-only descriptor of the file at path; None when there is none (or it cannot be opened)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+
+
+class Releaser:
+    """Closes, in a thread of its own, the descriptors that kept replaced spool files alive.
+
+    Renaming a re-sent instance over its earlier copy made the kernel free the copy's blocks inside
+    the rename: 0.3 ms of the 3 ms the receiver spends on an instance, while the sender waited.
+    Held open across the rename, the old file is freed when its descriptor closes here, after the
+    answer went out. A crash before that leaves it on the file system's orphan list, which the
+    kernel clears when the volume is mounted again."""
+
+    def __init__(self) -> None:
+        self._fds: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._started = False
+        self._guard = threading.Lock()
+
+    def release(self, fd: int | None) -> None:
+        if fd is None:
+            return
+        self._fds.put(fd)
+        if not self._started:
+            with self._guard:
+                if not self._started:
+                    threading.Thread(target=self._run, name="ldct-spool-release", daemon=True).start()
+                    self._started = True
+
+    def _run(self) -> None:
+        while True:
+            os.close(self._fds.get())
+
+
 @dataclass(frozen=True)
 class SpooledInstance:
     series_uid: str
@@ -83,6 +121,7 @@ class Spool:
         private_dir(root, tighten=True)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._releaser = Releaser()
 
     def series_lock(self, series_uid: str) -> threading.Lock:
         """Held while an instance of the series is written and recorded, and while retention removes
@@ -144,15 +183,23 @@ class Spool:
                 private_dir(final.parent)
                 # the new directory entry must itself be durable, or a power cut loses the whole series
                 fsync_dir(self.root)
-            os.replace(staged.path, final)
+            replaced = open_existing(final)  # a re-sent instance's earlier copy: freed by the Releaser
+            try:
+                os.replace(staged.path, final)
+            except BaseException:
+                self._releaser.release(replaced)
+                raise
             staged.path = None
         except BaseException as exc:
             self.discard(staged)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(exc.errno, f"spool volume full: {exc.strerror}") from exc
             raise
-        # the rename itself must reach the disk, or a crash can leave the series without the file
-        fsync_dir(final.parent)
+        try:
+            # the rename itself must reach the disk, or a crash can leave the series without the file
+            fsync_dir(final.parent)
+        finally:
+            self._releaser.release(replaced)
         return SpooledInstance(series_uid, sop_uid, final)
 
     def discard(self, staged: Staged) -> None:
