@@ -4,6 +4,9 @@ pydicom and pynetdicom). Its behaviour towards callers is tested through the rec
 
 from __future__ import annotations
 
+import socket
+import threading
+import tracemalloc
 from io import BytesIO
 
 import pydicom
@@ -13,12 +16,36 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from ldct_node.node.acceptor import ERROR_COMMENT_MAX, Negotiator, ae_titles, overlong_uid, reject_pdu, response
+from ldct_node.node.acceptor import (
+    ERROR_COMMENT_MAX,
+    Acceptor,
+    Limits,
+    Negotiator,
+    Stored,
+    ae_titles,
+    overlong_uid,
+    reject_pdu,
+    response,
+)
 from ldct_node.node.upper_layer import (
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
+    ASSOCIATE_RQ,
     C_STORE_RQ,
+    COMMAND,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    LAST,
+    MESSAGE_ID,
+    PDU_HEADER,
+    RELEASE_RQ_PDU,
+    command_set,
+    element,
+    p_data_tf,
+    read_exactly,
+    read_header,
     uid_value,
+    us,
     user_information,
 )
 
@@ -92,3 +119,55 @@ def test_an_ae_title_of_spaces_or_with_a_backslash_is_malformed(title):
     body[20:36] = title
     with pytest.raises(ValueError):
         ae_titles(bytes(body))
+
+
+class MemoryAtStore:
+    """A Policy that lets everyone in and notes the memory traced while a data set is stored."""
+
+    def __init__(self):
+        self.traced: list[int] = []
+
+    def requested(self, calling_ae, called_ae):
+        return None
+
+    def no_context(self):
+        raise AssertionError("the CT context was proposed")
+
+    def refused(self, refusal, **fields):
+        raise AssertionError(refusal)
+
+    def store(self, request: Stored):
+        self.traced.append(tracemalloc.get_traced_memory()[0])
+        return 0x0000, None
+
+
+def test_a_data_set_is_held_once_not_also_as_its_pdus_while_it_is_stored():
+    size, fragment = 8 << 20, 64 << 10
+    data_set = bytes(size)
+    ours, theirs = socket.socketpair()
+    policy = MemoryAtStore()
+    acceptor = Acceptor(ours, Limits(fragment + 6, 2 * size, 10.0, 10.0),
+                        Negotiator({CTImageStorage: ("1.2.840.10008.1.2.1",)}, fragment + 6), policy)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        serving = threading.Thread(target=acceptor.serve)
+        serving.start()
+        rq = associate_rq()
+        theirs.sendall(PDU_HEADER.pack(ASSOCIATE_RQ, len(rq)) + rq)
+        read_exactly(theirs, read_header(theirs)[1])  # the A-ASSOCIATE-AC
+        command = command_set(element(AFFECTED_SOP_CLASS, uid_value(CTImageStorage)),
+                              element(COMMAND_FIELD, us(C_STORE_RQ)), element(MESSAGE_ID, us(1)),
+                              element(DATA_SET_TYPE, us(0x0000)), element(AFFECTED_SOP_INSTANCE, uid_value("1.2.3")))
+        theirs.sendall(p_data_tf(1, COMMAND | LAST, command))
+        for at in range(0, size, fragment):
+            theirs.sendall(p_data_tf(1, LAST if at + fragment >= size else 0, data_set[at:at + fragment]))
+        read_exactly(theirs, read_header(theirs)[1])  # the C-STORE-RSP
+        theirs.sendall(RELEASE_RQ_PDU)
+        serving.join(10)
+    finally:
+        tracemalloc.stop()
+        ours.close()
+        theirs.close()
+    (held,) = policy.traced
+    assert size <= held - before < 1.5 * size

@@ -390,8 +390,11 @@ class Acceptor:
                 if header is None:
                     self._abort(_PROVIDER, _UNEXPECTED_PDU)  # a data set before its command
                     return "aborted"
-                self._answer(context_id, header, b"".join(data))
-                header, context_id, data, data_bytes = None, None, [], 0
+                # The fragments go before the data set is handled: with them the PDUs they are views
+                # into would stay alive as a second copy of the instance while it is parsed and stored.
+                data_set, data, data_bytes = b"".join(data), [], 0
+                self._answer(context_id, header, data_set)
+                header, context_id, data_set = None, None, b""
 
     def _answer(self, context_id: int, header: dict[int, bytes], data_set: bytes) -> None:
         field, message_id = us_of(header, COMMAND_FIELD), us_of(header, MESSAGE_ID)
