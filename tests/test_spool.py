@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 
 import pytest
@@ -118,6 +119,29 @@ def test_disk_full_while_staging_is_refused_at_commit_and_leaves_nothing(tmp_pat
     with pytest.raises(SpoolFull):
         spool.commit(staged, SERIES, SOP)
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_disk_full_at_settling_is_spool_full_and_leaves_nothing(tmp_path, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool = Spool(tmp_path)
+    staged = spool.stage(b"x" * 1000)
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(SpoolFull):
+        spool.settle(staged)
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_settled_instance_commits_without_syncing_again(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    staged = spool.stage(b"bytes")
+    spool.settle(staged)
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)))
+    spool.commit(staged, SERIES, SOP)
+    assert synced == [True, True]  # the spool root's and the new series folder's, none of a file
+    assert (tmp_path / SERIES / f"{SOP}.dcm").read_bytes() == b"bytes"
 
 
 def test_scan_lists_complete_instances_and_drops_crashed_temp_files(tmp_path):

@@ -491,18 +491,20 @@ class Receiver:
 
     def store(self, found: Inspected, staged: Staged) -> None:
         """Put the staged instance in its place and record it: after this returns it is safe to answer success."""
-        with self.spool.series_lock(found.series_uid):
-            try:
+        try:
+            # Before the series lock, so that the fsyncs of associations sending one series overlap.
+            self.spool.settle(staged)
+            with self.spool.series_lock(found.series_uid):
                 spooled = self.spool.commit(staged, found.series_uid, found.sop_uid)
-            except SpoolFull as exc:
-                raise Refused(StoreFailure.OUT_OF_RESOURCES, exc.strerror or "spool full") from None
-            except OSError as exc:
-                raise Refused(StoreFailure.OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
-            try:
-                self.queue.add_instance(found.series_uid, found.sop_uid, spooled.path)
-            except sqlite3.Error as exc:
-                # The file is safe in the spool and is re-indexed at the next start; the sender retries.
-                raise Refused(StoreFailure.OUT_OF_RESOURCES, f"queue database unavailable: {exc}") from None
+                try:
+                    self.queue.add_instance(found.series_uid, found.sop_uid, spooled.path)
+                except sqlite3.Error as exc:
+                    # The file is safe in the spool and is re-indexed at the next start; the sender retries.
+                    raise Refused(StoreFailure.OUT_OF_RESOURCES, f"queue database unavailable: {exc}") from None
+        except SpoolFull as exc:
+            raise Refused(StoreFailure.OUT_OF_RESOURCES, exc.strerror or "spool full") from None
+        except OSError as exc:
+            raise Refused(StoreFailure.OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}") from None
 
     def take(self, request: Stored) -> str:
         """Inspect and spool one C-STORE's instance; its outcome for the audit ("stored", "ignored"), or

@@ -173,9 +173,20 @@ class Spool:
             return Staged(None, error=exc)
         return Staged(Path(temp), fd)
 
+    def settle(self, staged: Staged) -> None:
+        """Return once the staged bytes are on disk. Raises as commit does, the staged file discarded.
+
+        Needs no series lock: associations settling at once share the file system's journal commits."""
+        try:
+            staged.sync()
+        except BaseException as exc:
+            self._failed(staged, exc)
+            raise
+
     def commit(self, staged: Staged, series_uid: str, sop_uid: str) -> SpooledInstance:
-        """Move a staged file to its place once it is on disk: after this returns it survives a power cut.
-        Raises SpoolFull (nothing left behind) when the volume filled while it was written."""
+        """Move a staged file to its place once it is on disk (settled here if not yet): after this returns
+        it survives a power cut. Raises SpoolFull (nothing left behind) when the volume filled while it
+        was written."""
         try:
             final = self.path_for(series_uid, sop_uid)
             staged.sync()
@@ -191,9 +202,7 @@ class Spool:
                 raise
             staged.path = None
         except BaseException as exc:
-            self.discard(staged)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFull(exc.errno, f"spool volume full: {exc.strerror}") from exc
+            self._failed(staged, exc)
             raise
         try:
             # the rename itself must reach the disk, or a crash can leave the series without the file
@@ -201,6 +210,12 @@ class Spool:
         finally:
             self._releaser.release(replaced)
         return SpooledInstance(series_uid, sop_uid, final)
+
+    def _failed(self, staged: Staged, exc: BaseException) -> None:
+        """Discard what a failed settle or commit leaves; a full volume raises SpoolFull instead of exc."""
+        self.discard(staged)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFull(exc.errno, f"spool volume full: {exc.strerror}") from exc
 
     def discard(self, staged: Staged) -> None:
         """Remove a staged file that is not to be kept; nothing if none is left."""
