@@ -64,6 +64,26 @@ def test_replaced_copies_are_freed_soon_after(tmp_path):
     assert held_deleted() == []
 
 
+def test_a_close_that_fails_does_not_stop_later_copies_being_freed(tmp_path, monkeypatch):
+    close, closed = os.close, []
+
+    def flaky_close(fd):
+        closed.append(fd)
+        close(fd)
+        if len(closed) == 1:
+            raise OSError(errno.EIO, "Input/output error")  # as NFS may report, after releasing fd
+
+    monkeypatch.setattr(os, "close", flaky_close)
+    releaser = Releaser()
+    first, second = (os.open(tmp_path, os.O_RDONLY) for _ in range(2))
+    releaser.release(first)
+    releaser.release(second)
+    deadline = time.monotonic() + 5
+    while len(closed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closed == [first, second]
+
+
 def test_a_failed_rename_releases_the_copy_it_would_have_replaced(tmp_path, monkeypatch):
     released = []
     monkeypatch.setattr(Releaser, "release", lambda self, fd: released.append(fd))

@@ -103,7 +103,12 @@ class Releaser:
 
     def _run(self) -> None:
         while True:
-            os.close(self._fds.get())
+            try:
+                os.close(self._fds.get())
+            except OSError:
+                # Linux lets go of the descriptor even when close fails (EIO on NFS), and this one only
+                # read a copy already replaced: nothing is lost, and the thread must live on.
+                pass
 
 
 @dataclass(frozen=True)
